@@ -56,7 +56,9 @@ def json_safe_attr(value: Any) -> str | int | float | list:
         return int(value)
     if value is None:
         return ""
-    if isinstance(value, (str, int, float)):
+    if isinstance(value, str):
+        return str(value)  # plain str: subclasses such as torch's TorchVersion confuse h5py
+    if isinstance(value, (int, float)):
         return value
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
