@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -18,18 +19,14 @@ from harness.probe import DTYPES, MASKS, Probe
 
 
 def parse_int_list(text: str) -> list[int]:
-    """``"0-3,5"`` -> ``[0, 1, 2, 3, 5]``."""
+    """``"0-3,5"`` -> ``[0, 1, 2, 3, 5]`` (non-negative integers and inclusive ranges)."""
     values: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1])
-                values.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                values.append(int(part))
-        except ValueError:
-            raise HarnessError(f"{text!r} is not a list of integers or ranges like 0-3,5") from None
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise HarnessError(f"{text!r} is not a list of integers or ranges like 0-3,5")
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        values.extend(range(lo, hi + 1))
     if not values:
         raise HarnessError(f"{text!r} names no integers")
     return values

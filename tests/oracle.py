@@ -23,6 +23,7 @@ def brute_force_stats(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, m
     return {"logits": logits, "mass": mass}
 
 
+@torch.no_grad()
 def reference_qk(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
     """Post-RoPE q, k of a Wan self-attention in float64, RoPE applied as complex rotation.
 
