@@ -101,7 +101,7 @@ def import_legacy(path: str | os.PathLike, mask: str = "auto") -> xr.Dataset:
         "torch_version": UNKNOWN,
         "diffusers_version": UNKNOWN,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "legacy_query_frames": [int(f) for f in _as_list(data["last_block_query_frames"])],
+        "legacy_query_frames": _integer_list(data, "last_block_query_frames", path),
         "legacy_num_frames": _integer(data, "num_frames", path),
     }
     ds = build_dataset(
@@ -149,6 +149,14 @@ def _integer(data: dict, key: str, path: Path) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise HarnessError(f"{path}: key {key!r} must be an integer; got {value!r}")
     return value
+
+
+def _integer_list(data: dict, key: str, path: Path) -> list[int]:
+    """``data[key]`` as a list of ints (list, tuple or integer tensor), else a HarnessError naming the key."""
+    values = _as_list(data[key])
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise HarnessError(f"{path}: key {key!r} must be a list of integers; got {data[key]!r}")
+    return values
 
 
 def _as_list(value: Any) -> list:
