@@ -73,27 +73,37 @@ def _take(x: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
 
 
 def _mass(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, groups, chunk_tokens: int) -> torch.Tensor:
-    """Probability mass per (query frame, key frame), exact, memory linear in tokens."""
+    """Probability mass per (query frame, key frame), exact, memory linear in tokens.
+
+    One SDPA call per (head, query chunk): the one-hot indicator is shared by every head as a
+    stride-0 view, so the extra memory is one head's chunk of output, not a copy per head.
+    """
     batch, tokens, heads, head_dim = q.shape
     num_frames = tokens // tokens_per_frame
     mass = torch.zeros(batch, heads, num_frames, num_frames, dtype=STAT_DTYPE, device=q.device)
     frames_per_chunk = max(1, chunk_tokens // tokens_per_frame)
     for query_frames, key_frames in groups:
-        keys = _take(k, _token_index(key_frames, tokens_per_frame, k.device)).to(STAT_DTYPE).transpose(1, 2)
+        keys = _take(k, _token_index(key_frames, tokens_per_frame, k.device))
+        chunks = [
+            (chunk, _take(q, _token_index(chunk, tokens_per_frame, q.device)))
+            for chunk in (query_frames[q0 : q0 + frames_per_chunk] for q0 in range(0, len(query_frames), frames_per_chunk))
+        ]
         # SDPA keeps its fused kernel only when the value has the query's head dim, so the
         # indicator is padded to head_dim columns; more key frames than that take several calls.
         for col0 in range(0, len(key_frames), head_dim):
             cols = key_frames[col0 : col0 + head_dim]
             indicator = torch.zeros(len(key_frames), head_dim, dtype=STAT_DTYPE, device=q.device)
             indicator[torch.arange(col0, col0 + len(cols)), torch.arange(len(cols))] = 1.0
-            values = indicator.repeat_interleave(tokens_per_frame, dim=0).expand(batch, heads, -1, -1).contiguous()
-            for q0 in range(0, len(query_frames), frames_per_chunk):
-                chunk = query_frames[q0 : q0 + frames_per_chunk]
-                queries = _take(q, _token_index(chunk, tokens_per_frame, q.device)).to(STAT_DTYPE).transpose(1, 2)
-                probs = F.scaled_dot_product_attention(queries, keys, values)[..., : len(cols)]
-                per_frame = probs.unflatten(2, (len(chunk), tokens_per_frame)).mean(3)
-                rows = torch.tensor(chunk, device=q.device)[:, None]
-                mass[:, :, rows, torch.tensor(cols, device=q.device)[None, :]] = per_frame
+            values = indicator.repeat_interleave(tokens_per_frame, dim=0).expand(batch, 1, -1, -1)
+            col_index = torch.tensor(cols, device=q.device)[None, :]
+            for head in range(heads):
+                head_keys = keys[:, :, head : head + 1].to(STAT_DTYPE).transpose(1, 2)
+                for chunk, chunk_queries in chunks:
+                    queries = chunk_queries[:, :, head : head + 1].to(STAT_DTYPE).transpose(1, 2)
+                    probs = F.scaled_dot_product_attention(queries, head_keys, values)[..., : len(cols)]
+                    per_frame = probs.unflatten(2, (len(chunk), tokens_per_frame)).mean(3)
+                    rows = torch.tensor(chunk, device=q.device)[:, None]
+                    mass[:, head : head + 1, rows, col_index] = per_frame
     return mass
 
 

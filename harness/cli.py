@@ -1,4 +1,4 @@
-"""``attn-harness``: extraction, legacy import and statistics from the command line.
+"""``attn-harness``: extraction, legacy import, statistics, figures and comparison from the command line.
 
 Every user-facing failure is a ``HarnessError``: printed as one line on stderr, exit code 2.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness import __version__
 from harness.errors import HarnessError
-from harness.probe import DTYPES, MASKS, Probe
+from harness.probe import DTYPES, MASKS, MODES, Probe
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -60,7 +60,25 @@ def _add_extract(sub) -> None:
         "statistics (logits, mass) per step, layer and head to a NetCDF file.",
     )
     defaults = Probe()
-    p.add_argument("--model", default="tiny-random", help="embedded model name (tiny-random) or a diffusers dir")
+    p.add_argument(
+        "--model",
+        default="tiny-random",
+        help="embedded model name (tiny-random), a model dir (diffusers pipeline or transformer, original Wan), "
+        "or a training checkpoint file (.pt/.safetensors)",
+    )
+    p.add_argument("--base-model", default=None, help="model dir giving a training checkpoint its architecture and text encoder")
+    p.add_argument(
+        "--prompt-embeds",
+        default=None,
+        help="text embeddings file (.pt tensor [1, tokens, text_dim], or dict/.safetensors with prompt_embeds "
+        "and negative_prompt_embeds); replaces the text encoder",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=Probe().mode,
+        help="teacher-forced: whole clip per step; rollout: block by block with a KV cache (needs --mask block-causal)",
+    )
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
     p.add_argument("--layers", default="all", type=_layers, help="blocks to capture: all, or e.g. 0-3,5")
     p.add_argument("--steps", default="first,mid,last", type=_steps, help="denoising steps to capture: first,mid,last or indices")
@@ -105,9 +123,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         branch=args.branch,
+        prompt_embeds=args.prompt_embeds,
+        mode=args.mode,
     )
     start = time.perf_counter()
-    ds = extract(args.model, probe, progress=None if not args.no_progress else False)
+    ds = extract(args.model, probe, progress=None if not args.no_progress else False, base_model=args.base_model)
     path = write_dataset(ds, args.out)
     sizes = ", ".join(f"{dim}={size}" for dim, size in ds.sizes.items())
     print(f"wrote {path} ({sizes}) in {time.perf_counter() - start:.1f} s")
@@ -191,6 +211,73 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="write the seed notebook's figures for one layer",
+        description="Head grid (query x key frame) per metric, per-head bars of the query block "
+        "with sink scores, the statistics table, the evolution across steps and the layer x head "
+        "overview, as SVG (editable text) and PNG.",
+    )
+    p.add_argument("file", type=Path, help="a NetCDF extraction")
+    p.add_argument("--layer", type=int, required=True, help="block index")
+    p.add_argument("--step", type=int, default=None, help="denoising step index (default: the last captured)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the figures")
+    p.add_argument("--pixel-frames", action="store_true", help="draw in pixel frames (causal-VAE mapping)")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from harness.report.figures import plot_layer
+    from harness.store import read_dataset
+
+    ds = read_dataset(args.file)
+    select_layer(ds, args.layer, args.step)
+    for path in plot_layer(ds, args.layer, args.step, args.out, pixel_frames=args.pixel_frames):
+        print(path)
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare two extractions (e.g. two checkpoints) in one HTML page",
+        description="Per layer A and B heatmaps with B - A on a symmetric scale, per-head deltas, "
+        "a table of flips (sink sign, sink-head membership, diagonal dominance) and an overview "
+        "of mean |B - A| per layer x head.",
+    )
+    p.add_argument("a", type=Path, help="first extraction (.nc)")
+    p.add_argument("b", type=Path, help="second extraction (.nc)")
+    p.add_argument("--out", type=Path, default=Path("reports/compare.html"), help="HTML file to write")
+    p.add_argument("--labels", default="A,B", help="two labels, comma-separated, e.g. base,distilled")
+    p.add_argument("--layers", type=parse_int_list, default=None, help="layers to compare (default: all shared)")
+    p.add_argument("--metric", choices=("logits", "mass"), default="logits", help="variable to compare")
+    p.add_argument("--step", default="last", help="first, mid, last or a step index for the per-layer grids")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.report.html import render_compare
+    from harness.store import read_dataset
+
+    labels = tuple(part.strip() for part in args.labels.split(","))
+    if len(labels) != 2 or not all(labels):
+        raise HarnessError(f"--labels needs two comma-separated names like base,distilled; got {args.labels!r}")
+    step = int(args.step) if args.step.isdigit() else args.step
+    out = render_compare(
+        read_dataset(args.a),
+        read_dataset(args.b),
+        args.out,
+        labels=labels,
+        layers=args.layers,
+        metric=args.metric,
+        step=step,
+        sources=(str(args.a), str(args.b)),
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attn-harness",
@@ -201,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_import_legacy(sub)
     _add_stats(sub)
+    _add_plot(sub)
+    _add_compare(sub)
     return parser
 
 

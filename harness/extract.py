@@ -9,7 +9,6 @@ the conditional branch by default.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import sys
 from collections.abc import Sequence
 
@@ -24,8 +23,10 @@ import harness
 from harness import frames
 from harness.capture import Recorder, capture
 from harness.errors import HarnessError
+from harness.metrics import default_query_frames
 from harness.models import LoadedModel, load_model
 from harness.probe import Probe
+from harness.prompts import Conditioning, resolve_conditioning
 from harness.schema import METRICS, SCHEMA_VERSION, build_dataset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -107,15 +108,75 @@ def _scheduler(probe: Probe) -> UniPCMultistepScheduler:
     )
 
 
-def _fingerprint_tensor(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+def conditioning(loaded: LoadedModel, probe: Probe) -> Conditioning:
+    """The run's text embeddings: ``probe.prompt_embeds`` if given, else the model's encoder."""
+    return resolve_conditioning(
+        loaded.encode_prompt,
+        loaded.prompt_encoder,
+        prompt=probe.prompt,
+        negative_prompt=probe.negative_prompt,
+        prompt_embeds=probe.prompt_embeds,
+        text_dim=loaded.config["text_dim"],
+        use_cfg=probe.guidance > 1.0,
+    )
 
 
-def extract(model: str | LoadedModel, probe: Probe = Probe(), *, progress: bool | None = None) -> xr.Dataset:
-    """Run the sampler on ``model`` with capture as ``probe`` says and return the Dataset."""
+def run_attrs(loaded: LoadedModel, probe: Probe, geo: dict[str, int], device: torch.device, text: Conditioning) -> dict:
+    """The dataset attrs of one run (DESIGN.md section 4)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": "extract",
+        "model_id": loaded.model_id,
+        "checkpoint_path": loaded.checkpoint_path,
+        "checkpoint_fingerprint": loaded.fingerprint,
+        "checkpoint_layout": loaded.layout,
+        "model_architecture": loaded.architecture,
+        "model_config": loaded.config,
+        "prompt": probe.prompt,
+        "negative_prompt": probe.negative_prompt,
+        **text.attrs(),
+        "seed": probe.seed,
+        "height": geo["height"],
+        "width": geo["width"],
+        "num_frames": geo["num_frames"],
+        "latent_frames": geo["latent_frames"],
+        "tokens_per_frame": geo["tokens_per_frame"],
+        "temporal_stride": geo["temporal_stride"],
+        "block_size": probe.block_size,
+        "mask": probe.mask,
+        "mode": probe.mode,
+        "dtype": probe.dtype,
+        "device": str(device),
+        "branch": probe.branch,
+        "guidance": probe.guidance,
+        "shift": probe.shift,
+        "sample_steps": probe.sample_steps,
+        "scheduler": "UniPCMultistepScheduler(flow_prediction, use_flow_sigmas)",
+        "harness_version": harness.__version__,
+        "torch_version": torch.__version__,
+        "diffusers_version": diffusers.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def extract(
+    model: str | LoadedModel,
+    probe: Probe = Probe(),
+    *,
+    progress: bool | None = None,
+    base_model: str | None = None,
+) -> xr.Dataset:
+    """Run the sampler on ``model`` with capture as ``probe`` says and return the Dataset.
+
+    ``base_model`` (a model dir) gives a training checkpoint file its architecture and text encoder.
+    """
     device = resolve_device(probe.device)
     dtype = DTYPES[probe.dtype]
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, base_model=base_model)
+    if probe.mode == "rollout":
+        from harness.rollout import extract_rollout
+
+        return extract_rollout(loaded, probe, progress=progress)
     transformer = loaded.transformer
     geo = _geometry(probe, loaded)
     layers = resolve_layers(probe.layers, len(transformer.blocks))
@@ -128,8 +189,9 @@ def extract(model: str | LoadedModel, probe: Probe = Probe(), *, progress: bool 
         mask = torch.from_numpy(frames.block_causal_mask(geo["latent_frames"], probe.block_size))
     recorder = Recorder(tokens_per_frame=geo["tokens_per_frame"], metrics=tuple(m for m in METRICS if m in probe.metrics), mask=mask)
 
-    cond = loaded.encode_prompt(probe.prompt).to(device=device, dtype=dtype)
-    uncond = loaded.encode_prompt(probe.negative_prompt).to(device=device, dtype=dtype)
+    text = conditioning(loaded, probe)
+    cond = text.prompt.to(device=device, dtype=dtype)
+    uncond = text.negative.to(device=device, dtype=dtype) if text.negative is not None else None
     shape = (1, loaded.config["in_channels"], geo["latent_frames"], geo["latent_height"], geo["latent_width"])
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(probe.seed), dtype=torch.float32).to(device)
 
@@ -162,42 +224,13 @@ def extract(model: str | LoadedModel, probe: Probe = Probe(), *, progress: bool 
         )
         for metric in recorder.metrics
     }
-    attrs = {
-        "schema_version": SCHEMA_VERSION,
-        "source": "extract",
-        "model_id": loaded.model_id,
-        "checkpoint_path": loaded.checkpoint_path,
-        "checkpoint_fingerprint": loaded.fingerprint,
-        "model_config": loaded.config,
-        "prompt": probe.prompt,
-        "negative_prompt": probe.negative_prompt,
-        "prompt_encoder": loaded.prompt_encoder,
-        "prompt_embedding_fingerprint": _fingerprint_tensor(cond),
-        "seed": probe.seed,
-        "height": geo["height"],
-        "width": geo["width"],
-        "num_frames": geo["num_frames"],
-        "latent_frames": geo["latent_frames"],
-        "tokens_per_frame": geo["tokens_per_frame"],
-        "temporal_stride": geo["temporal_stride"],
-        "block_size": probe.block_size,
-        "mask": probe.mask,
-        "dtype": probe.dtype,
-        "device": str(device),
-        "branch": probe.branch,
-        "guidance": probe.guidance,
-        "shift": probe.shift,
-        "sample_steps": probe.sample_steps,
-        "scheduler": "UniPCMultistepScheduler(flow_prediction, use_flow_sigmas)",
-        "harness_version": harness.__version__,
-        "torch_version": torch.__version__,
-        "diffusers_version": diffusers.__version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    return build_dataset(
+    attrs = run_attrs(loaded, probe, geo, device, text)
+    ds = build_dataset(
         variables,
         steps=capture_steps,
         timesteps=[float(timesteps[s]) for s in capture_steps],
         layers=layers,
         attrs=attrs,
     )
+    ds.attrs["query_frames"] = default_query_frames(ds)  # the seed's "last block", for the record
+    return ds

@@ -1,23 +1,34 @@
-"""Model sources: the embedded tiny models and local diffusers-layout directories.
+"""Model sources: the embedded tiny models and checkpoints on disk in any of four layouts.
 
 ``load_model(source)`` returns a ``LoadedModel``: the diffusers ``WanTransformer3DModel``,
 what it was loaded from, a content fingerprint of its weights, its default probe geometry
-and a prompt encoder. Nothing here touches the network.
+and a prompt encoder. Layout detection and key conversion live in ``harness.layouts``;
+nothing here touches the network.
+
+Every loading path builds the model in float32 from its weights, then casts with
+``cast_model``: the modules diffusers keeps in float32 (RoPE tables, time embedder,
+modulation tables, norms) stay float32 whatever ``dtype`` says, as ``from_pretrained`` does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import WanTransformer3DModel
+from filelock import FileLock
 
+from harness import layouts
 from harness.errors import HarnessError
+from harness.prompts import ORIGINAL_T5_GLOB, HashPromptEncoder, MissingPromptEncoder, UMT5PromptEncoder, find_text_encoder
 
 # The embedded tiny model: Wan's architecture (patch (1,2,2), q/k RMSNorm across heads, 3-D
 # RoPE, cross-attention to text) at a size that extracts in seconds on a laptop CPU.
@@ -38,6 +49,13 @@ TINY_CONFIG: dict = {
 }
 TINY_TEXT_TOKENS = 16
 TINY_SEED = 0
+# Widths -> heads for reading an architecture from tensor shapes: Wan2.1 plus the embedded models.
+KNOWN_HEADS = {
+    **layouts.KNOWN_HEADS,
+    TINY_CONFIG["num_attention_heads"] * TINY_CONFIG["attention_head_dim"]: TINY_CONFIG["num_attention_heads"],
+}
+CACHE_ENV = "ATTN_HARNESS_CACHE"
+FINGERPRINTS_FILE = "fingerprints.json"
 
 
 @dataclass(frozen=True)
@@ -57,7 +75,12 @@ WAN_GEOMETRY = Geometry(num_frames=81, height=480, width=832)
 
 @dataclass
 class LoadedModel:
-    """A transformer ready to sample, with what the dataset attrs need to say about it."""
+    """A transformer ready to sample, with what the dataset attrs need to say about it.
+
+    ``encode_prompt`` maps a prompt to float32 ``[1, tokens, text_dim]``; for a model without a
+    text encoder it raises a ``HarnessError`` telling the user to pass ``--prompt-embeds``.
+    ``layout`` names the on-disk layout; ``architecture`` says where the config came from.
+    """
 
     transformer: WanTransformer3DModel
     model_id: str
@@ -66,6 +89,8 @@ class LoadedModel:
     geometry: Geometry
     encode_prompt: Callable[[str], torch.Tensor]
     prompt_encoder: str
+    layout: str = "embedded"
+    architecture: str = "embedded config"
 
     @property
     def config(self) -> dict:
@@ -75,12 +100,10 @@ class LoadedModel:
 def hash_prompt_embedding(prompt: str, text_tokens: int, text_dim: int) -> torch.Tensor:
     """Deterministic stand-in text embedding ``[1, tokens, dim]`` seeded by sha256(prompt).
 
-    Used for models without a text encoder: the same prompt always gives the same vectors,
-    different prompts give independent ones. It carries no meaning beyond identity.
+    Used by the embedded models: the same prompt always gives the same vectors, different
+    prompts give independent ones. It carries no meaning beyond identity.
     """
-    seed = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "little")
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(1, text_tokens, text_dim, generator=generator)
+    return HashPromptEncoder(text_tokens, text_dim)(prompt)
 
 
 def state_fingerprint(model: torch.nn.Module) -> str:
@@ -93,15 +116,63 @@ def state_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def file_fingerprint(paths: list[Path]) -> str:
-    """sha256 over the bytes of the weight files, in name order."""
+def cache_dir() -> Path:
+    """``$ATTN_HARNESS_CACHE``, else ``~/.cache/attn-harness``: fingerprints and prompt embeddings."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "attn-harness").expanduser()
+
+
+def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(path.name.encode() + b"|")
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, computed once per (resolved path, size, mtime) and cached on disk.
+
+    The cache is ``fingerprints.json`` in ``cache_dir()``, updated under a file lock and
+    replaced atomically, so parallel test workers neither lose entries nor see half a file.
+    """
+    resolved = path.resolve()
+    stat = resolved.stat()
+    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
+    store = cache_dir() / FINGERPRINTS_FILE
+    known = _read_fingerprints(store)
+    if key in known:
+        return known[key]
+    digest = _sha256_file(resolved)
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(store) + ".lock"):
+            known = _read_fingerprints(store)
+            known[key] = digest
+            handle, temp = tempfile.mkstemp(dir=store.parent, prefix=f".{store.name}.", suffix=".tmp")
+            with os.fdopen(handle, "w") as out:
+                json.dump(known, out, indent=0, sort_keys=True)
+            os.replace(temp, store)
+    except OSError:
+        pass  # a read-only cache only costs rehashing next time
+    return digest
+
+
+def _read_fingerprints(store: Path) -> dict[str, str]:
+    try:
+        data = json.loads(store.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def files_fingerprint(paths: tuple[Path, ...] | list[Path]) -> str:
+    """One file: its sha256 (what ``sha256sum`` prints). Several: sha256 of the ``sha256sum``
+    listing ``"<sha256>  <name>\\n"`` in name order, i.e. ``sha256sum $(ls FILES) | sha256sum``."""
+    paths = sorted(paths, key=lambda p: p.name)
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    listing = "".join(f"{file_sha256(p)}  {p.name}\n" for p in paths)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def build_tiny_random() -> WanTransformer3DModel:
@@ -112,68 +183,21 @@ def build_tiny_random() -> WanTransformer3DModel:
     return model.eval()
 
 
-def _tiny_encoder(prompt: str) -> torch.Tensor:
-    return hash_prompt_embedding(prompt, TINY_TEXT_TOKENS, TINY_CONFIG["text_dim"])
-
-
 def _load_tiny_random() -> LoadedModel:
     model = build_tiny_random()
+    encoder = HashPromptEncoder(TINY_TEXT_TOKENS, TINY_CONFIG["text_dim"])
     return LoadedModel(
         transformer=model,
         model_id="tiny-random",
         checkpoint_path="embedded:tiny-random",
         fingerprint=state_fingerprint(model),
         geometry=TINY_GEOMETRY,
-        encode_prompt=_tiny_encoder,
-        prompt_encoder="sha256-seeded random embedding (embedded model has no text encoder)",
+        encode_prompt=encoder,
+        prompt_encoder=encoder.description,
     )
 
 
 EMBEDDED: dict[str, Callable[[], LoadedModel]] = {"tiny-random": _load_tiny_random}
-
-
-def _transformer_dir(path: Path) -> Path:
-    """The directory holding the transformer's config.json, for a pipeline or transformer dir."""
-    if (path / "model_index.json").is_file() and (path / "transformer" / "config.json").is_file():
-        return path / "transformer"
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            class_name = json.loads(config.read_text()).get("_class_name")
-        except json.JSONDecodeError as err:
-            raise HarnessError(f"{config}: not valid JSON ({err})") from err
-        if class_name == "WanTransformer3DModel":
-            return path
-    found = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else []
-    raise HarnessError(
-        f"{path}: not a model this harness can load. Looked for a diffusers pipeline dir "
-        f"(model_index.json + transformer/config.json) or a transformer dir (config.json with "
-        f"_class_name WanTransformer3DModel); found {found or 'nothing'}"
-    )
-
-
-def _load_diffusers_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
-    directory = _transformer_dir(path)
-    weights = sorted(directory.glob("*.safetensors"))
-    if not weights:
-        raise HarnessError(f"{directory}: no *.safetensors weights next to config.json")
-    model = WanTransformer3DModel.from_pretrained(directory, torch_dtype=dtype, local_files_only=True).eval()
-    text_dim = model.config.text_dim
-    small = model.config.num_layers * model.config.num_attention_heads * model.config.attention_head_dim < 30 * 1536
-    return LoadedModel(
-        transformer=model,
-        model_id=str(path.name),
-        checkpoint_path=str(path.resolve()),
-        fingerprint=_cached_file_fingerprint(tuple(weights)),
-        geometry=TINY_GEOMETRY if small else WAN_GEOMETRY,
-        encode_prompt=lambda prompt: hash_prompt_embedding(prompt, TINY_TEXT_TOKENS if small else 512, text_dim),
-        prompt_encoder="sha256-seeded random embedding (no text encoder loaded)",
-    )
-
-
-@lru_cache(maxsize=32)
-def _cached_file_fingerprint(paths: tuple[Path, ...]) -> str:
-    return file_fingerprint(list(paths))
 
 
 def cast_model(model: WanTransformer3DModel, dtype: torch.dtype) -> WanTransformer3DModel:
@@ -197,28 +221,151 @@ def cast_model(model: WanTransformer3DModel, dtype: torch.dtype) -> WanTransform
     return model
 
 
-def load_model(source: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an embedded model by name or a local diffusers-layout directory."""
-    if source in EMBEDDED:
-        loaded = EMBEDDED[source]()
-        cast_model(loaded.transformer, dtype)
+def build_transformer(config: dict, state: dict[str, torch.Tensor], where: Path) -> WanTransformer3DModel:
+    """A float32 ``WanTransformer3DModel`` holding exactly ``state`` (diffusers keys, strict).
+
+    Parameters are created empty (no random init of billions of weights) and assigned; the
+    RoPE buffers are computed as usual.
+    """
+    with init_empty_weights(include_buffers=False):
+        model = WanTransformer3DModel(**config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise HarnessError(
+            f"{where}: weights do not fit the architecture {_arch(config)}: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    own = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        key, got, want = wrong[0]
+        raise HarnessError(f"{where}: {len(wrong)} weight(s) have the wrong shape for {_arch(config)}, e.g. {key} is {got}, expected {want}")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def _arch(config: dict) -> str:
+    return (
+        f"({config['num_layers']} layers, {config['num_attention_heads']} heads x {config['attention_head_dim']}, "
+        f"ffn {config['ffn_dim']}, text {config['text_dim']})"
+    )
+
+
+def _architecture_of_dir(layout: layouts.Layout, state: dict[str, torch.Tensor] | None) -> dict:
+    """Diffusers config of a dir layout; an original config's missing widths come from ``state``."""
+    config_file = layout.config_dir / "config.json"
+    raw = layouts.read_json(config_file)
+    if layout.kind == "wan-original":
+        if state is None:
+            state = layouts.to_diffusers_keys(layouts.read_weights(layout.weight_files), config_file)
+        return layouts.wan_config_to_diffusers(raw, state, config_file)
+    return layouts.diffusers_config(raw, config_file)
+
+
+def _small(config: dict) -> bool:
+    return config["num_layers"] * config["num_attention_heads"] * config["attention_head_dim"] < 30 * 1536
+
+
+def _prompt_encoder(layout: layouts.Layout | None, device: str | torch.device, small: bool):
+    """The umT5 encoder beside a dir layout's transformer, else one that asks for --prompt-embeds."""
+    found = find_text_encoder(layout.path) if layout is not None and layout.path.is_dir() else None
+    if found is None:
+        if layout is None:
+            return MissingPromptEncoder("a checkpoint file without --base-model")
+        original = sorted(layout.path.glob(ORIGINAL_T5_GLOB)) if layout.path.is_dir() else []
+        return MissingPromptEncoder(str(layout.path), original[0].name if original else "")
+    encoder_dir, tokenizer_dir = found
+    weights = tuple(sorted(encoder_dir.glob("*.safetensors"))) + tuple(sorted(p for p in tokenizer_dir.iterdir() if p.is_file()))
+    return UMT5PromptEncoder(
+        encoder_dir,
+        tokenizer_dir,
+        lambda: files_fingerprint(weights),
+        cache_dir(),
+        text_tokens=_text_tokens(layout, small),
+        device=device,
+    )
+
+
+def _load_path(path: Path, base_model: Path | None, device: str | torch.device) -> LoadedModel:
+    layout = layouts.detect_layout(path)
+    if base_model is not None and layout.kind != "training-checkpoint":
+        raise HarnessError(f"--base-model only applies to a training checkpoint file; {path} is a {layout.kind} dir")
+    text_layout: layouts.Layout | None = layout
+    if layout.kind == "training-checkpoint":
+        raw, entry = layouts.select_generator(layouts.load_checkpoint_file(path), path)
+        state = layouts.to_diffusers_keys(raw, path)
+        if base_model is not None:
+            base = layouts.detect_layout(base_model)
+            if base.kind == "training-checkpoint":
+                raise HarnessError(f"--base-model {base_model}: must be a model dir (diffusers or original Wan), not a checkpoint file")
+            config = _architecture_of_dir(base, state if base.kind == "wan-original" else None)
+            architecture = f"{base.kind} config of {base.path}"
+            text_layout = base
+        else:
+            config = layouts.infer_config(state, path, KNOWN_HEADS)
+            architecture = "inferred from tensor shapes (eps 1e-6, RoPE length 1024 assumed)"
+            text_layout = None
+        checkpoint = f"{path.resolve()}#{entry}" if entry else str(path.resolve())
+    else:
+        state = layouts.to_diffusers_keys(layouts.read_weights(layout.weight_files), layout.config_dir)
+        config = _architecture_of_dir(layout, state)
+        architecture = f"{layout.kind} config.json"
+        checkpoint = str(path.resolve())
+    model = build_transformer(config, state, path)
+    small = _small(config)
+    encoder = _prompt_encoder(text_layout, device, small)
+    return LoadedModel(
+        transformer=model,
+        model_id=path.stem if path.is_file() else path.name,
+        checkpoint_path=checkpoint,
+        fingerprint=files_fingerprint(layout.weight_files),
+        geometry=TINY_GEOMETRY if small else WAN_GEOMETRY,
+        encode_prompt=encoder,
+        prompt_encoder=encoder.description,
+        layout=layout.kind,
+        architecture=architecture,
+    )
+
+
+def _text_tokens(layout: layouts.Layout, small: bool) -> int:
+    """Text tokens the encoder pads to: the original config's ``text_len``, else Wan's 512."""
+    if layout.kind == "wan-original":
+        return int(layouts.read_json(layout.config_dir / "config.json").get("text_len", 512))
+    return TINY_TEXT_TOKENS if small else 512
+
+
+def load_model(
+    source: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    base_model: str | Path | None = None,
+) -> LoadedModel:
+    """Load an embedded model by name, or a model on disk in any layout ``harness.layouts`` knows.
+
+    ``base_model`` (a model dir) supplies the architecture and text encoder of a training
+    checkpoint file; without it the architecture is read from the tensor shapes.
+    """
+    if str(source) in EMBEDDED:
+        if base_model is not None:
+            raise HarnessError(f"--base-model only applies to a training checkpoint file, not the embedded {source!r}")
+        loaded = EMBEDDED[str(source)]()
     else:
         path = Path(source).expanduser()
         if not path.exists():
-            raise HarnessError(
-                f"model {source!r}: no such embedded model ({', '.join(EMBEDDED)}) and no such path"
-            )
-        loaded = _load_diffusers_dir(path, dtype)
+            raise HarnessError(f"model {str(source)!r}: no such embedded model ({', '.join(EMBEDDED)}) and no such path")
+        loaded = _load_path(path, Path(base_model).expanduser() if base_model is not None else None, device)
+    cast_model(loaded.transformer, dtype)
     loaded.transformer.to(device)
     return loaded
 
 
-def model_fingerprint(source: str) -> str:
-    """Content fingerprint of a model source's weights, as stored in dataset attrs."""
-    if source in EMBEDDED:
-        return _embedded_fingerprint(source)
-    directory = _transformer_dir(Path(source).expanduser())
-    return _cached_file_fingerprint(tuple(sorted(directory.glob("*.safetensors"))))
+def model_fingerprint(source: str | Path) -> str:
+    """Content fingerprint of a model source's weights, as stored in dataset attrs (cached on disk)."""
+    if str(source) in EMBEDDED:
+        return _embedded_fingerprint(str(source))
+    return files_fingerprint(layouts.detect_layout(source).weight_files)
 
 
 @lru_cache(maxsize=None)

@@ -11,6 +11,7 @@ from harness.errors import HarnessError
 DTYPES = ("float32", "bfloat16", "float16")
 MASKS = ("bidirectional", "block-causal")
 BRANCHES = ("cond", "uncond")
+MODES = ("teacher-forced", "rollout")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class Probe:
     ``None`` geometry means "the model's default" (the embedded models define theirs; real
     Wan models default to 81 frames at 480x832). ``capture_steps`` accepts ``first``, ``mid``,
     ``last`` and integers; ``layers`` is ``"all"`` or a tuple of block indices.
+    ``prompt_embeds`` (a file) replaces the text encoder. ``mode`` ``teacher-forced`` denoises the
+    whole clip in one pass per step (under ``mask``); ``rollout`` denoises it block by block with a
+    KV cache of the earlier clean blocks (``harness.rollout``) and needs ``mask: block-causal``.
     """
 
     prompt: str = "a red square moving from left to right"
@@ -39,9 +43,11 @@ class Probe:
     dtype: str = "float32"
     device: str = "auto"
     branch: str = "cond"
+    prompt_embeds: str | None = None
+    mode: str = "teacher-forced"
 
     def __post_init__(self) -> None:
-        for name, allowed in (("dtype", DTYPES), ("mask", MASKS), ("branch", BRANCHES)):
+        for name, allowed in (("dtype", DTYPES), ("mask", MASKS), ("branch", BRANCHES), ("mode", MODES)):
             value = getattr(self, name)
             if value not in allowed:
                 raise HarnessError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
@@ -52,6 +58,8 @@ class Probe:
             raise HarnessError(f"sample_steps must be at least 1; got {self.sample_steps}")
         if self.block_size < 1:
             raise HarnessError(f"block_size must be at least 1; got {self.block_size}")
+        if self.mode == "rollout" and self.mask != "block-causal":
+            raise HarnessError("mode 'rollout' attends block-causally (each block sees the cached earlier blocks): set mask to block-causal")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

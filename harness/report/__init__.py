@@ -1,0 +1,1 @@
+"""Figures (figures.py), checkpoint comparison (compare.py) and self-contained HTML reports (html.py)."""

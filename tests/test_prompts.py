@@ -1,0 +1,171 @@
+"""Text conditioning: --prompt-embeds files, the umT5 encoder of a pipeline dir, the embedding cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from harness.extract import extract
+from harness.models import TINY_CONFIG, TINY_TEXT_TOKENS, build_tiny_random, hash_prompt_embedding, load_model
+from harness.probe import Probe
+from harness.prompts import (
+    EMBEDS_KEY,
+    NEGATIVE_KEY,
+    embedding_fingerprint,
+    load_prompt_embeds,
+    save_prompt_embeds,
+)
+
+TEXT_DIM = TINY_CONFIG["text_dim"]
+PROBE = Probe(num_frames=9, height=32, width=32, sample_steps=2, capture_steps=("last",), device="cpu", guidance=3.0)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTN_HARNESS_CACHE", str(tmp_path / "cache"))
+
+
+def _embedding(seed: int) -> torch.Tensor:
+    return torch.randn(1, TINY_TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("form", ["pt-tensor", "pt-dict", "safetensors"])
+def test_prompt_embeds_files_load_in_every_accepted_form(tmp_path, form):
+    prompt, negative = _embedding(1), _embedding(2)
+    path = tmp_path / ("e.safetensors" if form == "safetensors" else "e.pt")
+    if form == "pt-tensor":
+        torch.save(prompt, path)
+    elif form == "pt-dict":
+        torch.save({EMBEDS_KEY: prompt, NEGATIVE_KEY: negative}, path)
+    else:
+        save_prompt_embeds(path, prompt, negative)
+    embeds = load_prompt_embeds(path, TEXT_DIM)
+    assert torch.equal(embeds.prompt, prompt)
+    assert embeds.negative is None if form == "pt-tensor" else torch.equal(embeds.negative, negative)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (torch.zeros(16, 64), r"expected a float tensor \[1, tokens, text_dim\]; got \(16, 64\)"),
+        (torch.zeros(1, 16, 32), "text width 32 does not match the model's text_dim 64"),
+        ({"embeds": torch.zeros(1, 16, 64)}, r"dict with 'prompt_embeds'.*found \['embeds'\]"),
+        ({EMBEDS_KEY: torch.zeros(1, 16, 64), NEGATIVE_KEY: torch.zeros(2, 16, 64)}, r"\[negative_prompt_embeds\]: expected"),
+    ],
+)
+def test_bad_prompt_embeds_files_name_the_file_and_the_problem(tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    torch.save(content, path)
+    with pytest.raises(HarnessError, match=message) as info:
+        load_prompt_embeds(path, TEXT_DIM)
+    assert "bad.pt" in str(info.value)
+
+
+def test_dir_without_encoder_or_embeddings_is_a_clear_error(tmp_path):
+    build_tiny_random().save_pretrained(tmp_path / "model")
+    with pytest.raises(HarnessError, match="no text encoder found.*pass --prompt-embeds FILE"):
+        extract(str(tmp_path / "model"), PROBE, progress=False)
+
+
+def test_prompt_embeds_without_negative_and_without_encoder_asks_for_one_under_cfg(tmp_path):
+    build_tiny_random().save_pretrained(tmp_path / "model")
+    torch.save(_embedding(1), tmp_path / "e.pt")
+    with pytest.raises(HarnessError, match="e.pt: holds no 'negative_prompt_embeds'.*guidance to 1"):
+        extract(str(tmp_path / "model"), PROBE.replace(prompt_embeds=str(tmp_path / "e.pt")), progress=False)
+    ds = extract(str(tmp_path / "model"), PROBE.replace(prompt_embeds=str(tmp_path / "e.pt"), guidance=1.0), progress=False)
+    assert ds.attrs["negative_prompt_embedding_fingerprint"] == ""
+
+
+def test_prompt_embeds_file_reproduces_the_embedded_models_run_on_a_checkpoint_dir(tmp_path):
+    build_tiny_random().save_pretrained(tmp_path / "model")
+    prompt = hash_prompt_embedding(PROBE.prompt, TINY_TEXT_TOKENS, TEXT_DIM)
+    negative = hash_prompt_embedding(PROBE.negative_prompt, TINY_TEXT_TOKENS, TEXT_DIM)
+    save_prompt_embeds(tmp_path / "e.safetensors", prompt, negative)
+    probe = PROBE.replace(prompt_embeds=str(tmp_path / "e.safetensors"))
+    from_file = extract(str(tmp_path / "model"), probe, progress=False)
+    embedded = extract("tiny-random", PROBE, progress=False)
+    np.testing.assert_array_equal(from_file.logits.values, embedded.logits.values)
+    assert from_file.attrs["prompt_embedding_fingerprint"] == embedding_fingerprint(prompt)
+    assert from_file.attrs["prompt_encoder"] == f"prompt embeddings file {tmp_path / 'e.safetensors'}"
+    other = extract("tiny-random", PROBE.replace(prompt_embeds=str(tmp_path / "e.safetensors"), prompt="something else"), progress=False)
+    np.testing.assert_array_equal(other.logits.values, embedded.logits.values)  # the file wins over the prompt text
+
+
+# --- the umT5 encoder of a diffusers pipeline dir (needs the optional transformers) ---------------
+
+WORDS = ["a", "red", "square", "moving", "from", "left", "to", "right", "blue", "circle"]
+
+
+def write_pipeline_with_text_encoder(root, seed: int = 0):
+    """A diffusers pipeline dir: tiny transformer + a tiny random umT5 encoder + a word-level tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    (root / "model_index.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    build_tiny_random().save_pretrained(root / "transformer")
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(root / "tokenizer")
+    config = transformers.UMT5Config(
+        vocab_size=len(vocab), d_model=TEXT_DIM, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    transformers.UMT5EncoderModel(config).eval().save_pretrained(root / "text_encoder")
+    return root
+
+
+def test_pipeline_text_encoder_encodes_real_tokens_and_zeroes_the_padding(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    root = write_pipeline_with_text_encoder(tmp_path / "pipe")
+    loaded = load_model(root)
+    assert loaded.prompt_encoder.startswith("umT5 encoder")
+    embedding = loaded.encode_prompt("a red square")
+    assert embedding.shape == (1, TINY_TEXT_TOKENS, TEXT_DIM)
+    encoder = transformers.UMT5EncoderModel.from_pretrained(root / "text_encoder")
+    ids = torch.tensor([[3, 4, 5, 1]])  # a red square </s>
+    with torch.inference_mode():
+        expected = encoder(ids, torch.ones_like(ids)).last_hidden_state
+    torch.testing.assert_close(embedding[:, :4], expected, rtol=1e-5, atol=1e-6)  # padding masked out: same values
+    assert (embedding[:, 4:] == 0).all()
+
+
+def test_encoded_prompts_are_cached_on_disk_keyed_by_prompt_and_encoder(tmp_path):
+    pytest.importorskip("transformers")
+    root = write_pipeline_with_text_encoder(tmp_path / "pipe")
+    first = load_model(root).encode_prompt
+    embedding = first("a blue circle")
+    assert first.calls == 1 and first.cache_path("a blue circle").is_file()
+    again = load_model(root).encode_prompt
+    assert torch.equal(again("a blue circle"), embedding) and again.calls == 0
+    assert again.cache_path("a red circle") != again.cache_path("a blue circle")
+    other = load_model(write_pipeline_with_text_encoder(tmp_path / "other", seed=1)).encode_prompt
+    assert other.cache_path("a blue circle") != again.cache_path("a blue circle")
+    assert not torch.equal(other("a blue circle"), embedding)
+
+
+def test_extract_on_a_pipeline_dir_records_the_encoder_and_embedding_fingerprint(tmp_path):
+    pytest.importorskip("transformers")
+    root = write_pipeline_with_text_encoder(tmp_path / "pipe")
+    ds = extract(str(root), PROBE.replace(prompt="a red square moving"), progress=False)
+    loaded = load_model(root)
+    assert ds.attrs["prompt_encoder"] == loaded.prompt_encoder
+    assert ds.attrs["prompt_embedding_fingerprint"] == embedding_fingerprint(loaded.encode_prompt("a red square moving"))
+    assert ds.attrs["checkpoint_layout"] == "diffusers-pipeline"
+
+
+def test_original_umt5_pth_is_named_in_the_error_with_what_to_do_instead(tmp_path):
+    from tests.test_layouts import write_original_dir
+
+    write_original_dir(build_tiny_random(), tmp_path / "wan")
+    (tmp_path / "wan" / "models_t5_umt5-xxl-enc-bf16.pth").write_bytes(b"")
+    with pytest.raises(HarnessError, match="found models_t5_umt5-xxl-enc-bf16.pth, which this harness cannot run.*--prompt-embeds"):
+        load_model(tmp_path / "wan").encode_prompt("a red square")

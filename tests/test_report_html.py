@@ -1,0 +1,208 @@
+"""The test-run report read back like a user's browser would: images, links, counts, failures.
+
+The page is parsed with the standard library's HTMLParser; every data: image is decoded
+(PNG by Pillow, SVG as XML), and the counts it shows are compared with the results record.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import xml.etree.ElementTree as ET
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tests.test_figures import planted_dataset
+
+from harness.errors import HarnessError
+from harness.report.html import STATUSES, render_run_report
+from harness.store import write_dataset
+
+URL_ATTRS = ("src", "href", "xlink:href", "action", "poster", "data")
+
+
+def _check(spec: str, layer: int, prop: str, status: str, **extra) -> dict:
+    record = {
+        "nodeid": f"specs/{spec}.yaml::{spec}::layer{layer}::{prop}", "spec": spec, "file": f"specs/{spec}.yaml",
+        "line": 3 + layer, "layer": layer, "property": prop, "kind": "property", "status": status,
+        "severity": "fail", "metric": "logits", "observed": "0.1", "expected": ">= 1.0", "message": f"{prop} {status}",
+        "violations": [], "baseline": None, "obtained": None, "regen_command": None, "duration_s": 0.01,
+    }
+    record.update(extra)
+    return record
+
+
+def results_record(tmp_path: Path) -> dict:
+    """Two specs over real files: property passes/fails/warns/skips and one failing baseline."""
+    ds = planted_dataset(mask="block-causal")
+    dataset = write_dataset(ds, tmp_path / "cache" / "tiny.nc")
+    baseline, obtained = tmp_path / "baseline.nc", tmp_path / "obtained.nc"
+    ds[["logits"]].isel(step=[-1]).to_netcdf(baseline, engine="h5netcdf")
+    changed = ds[["logits"]].isel(step=[-1]).copy(deep=True)
+    changed["logits"].loc[{"layer": 2, "head": 1}] += 0.5
+    changed.to_netcdf(obtained, engine="h5netcdf")
+    sink_violation = {"location": {"step": 5, "layer": 1, "head": 2}, "observed": -0.2, "expected": ">= 1.0"}
+    cell_violation = {
+        "location": {"step": 5, "layer": 1, "head": 1, "query_frame": 7, "key_frame": 3}, "observed": 0.1,
+        "expected": ">= 1.0",
+    }
+    diff_violation = {
+        "location": {"step": 5, "layer": 2, "head": 1, "query_frame": 4, "key_frame": 2}, "observed": 0.5,
+        "expected": "<= 0.001",
+    }
+    checks = [
+        _check("tiny", 0, "diagonal_dominant", "pass"),
+        _check("tiny", 1, "sink", "fail", violations=[sink_violation, cell_violation]),
+        _check("tiny", 1, "entropy", "warn", severity="warn", violations=[cell_violation]),
+        _check("tiny", 3, "mass_rows", "skip", metric="mass"),
+        _check(
+            "tiny", 2, "baseline", "fail", kind="baseline", violations=[diff_violation], baseline=str(baseline),
+            obtained=str(obtained), regen_command="pytest specs/tiny.yaml --attn-regen-baselines -k layer2",
+        ),
+        _check("missing", 0, "sink", "fail", violations=[sink_violation]),
+        _check("missing", 1, "sink", "pass"),
+        _check("missing", 2, "sink", "error", message="HarnessError: specs/missing.yaml:4: bad layer"),
+    ]
+    specs = [
+        {"spec": "tiny", "file": "specs/tiny.yaml", "line": 1, "model": "tiny-random", "probe": {"seed": 0},
+         "dataset": str(dataset), "provenance": {"model_id": "tiny-random", "checkpoint_fingerprint": "ab12"}},
+        {"spec": "missing", "file": "specs/missing.yaml", "line": 1, "model": "tiny-random", "probe": {"seed": 1},
+         "dataset": str(tmp_path / "cache" / "gone.nc"), "provenance": {}},
+    ]
+    run = {"command": "pytest specs/ -q", "started": "2026-11-01T10:00:00", "duration_s": 4.2, "harness_version": "0.1.0"}
+    return {"run": run, "specs": specs, "checks": checks}
+
+
+class Page(HTMLParser):
+    """Collects what the assertions need: tags with attrs, inline SVG text, cell texts by data-*."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self._open: list[tuple[str, dict, list[str]]] = []
+        self.texts: list[tuple[str, dict, str]] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        if tag in ("td", "th", "summary", "pre", "p"):
+            self._open.append((tag, attrs, []))
+
+    def handle_data(self, data):
+        for _, _, parts in self._open:
+            parts.append(data)
+
+    def handle_endtag(self, tag):
+        if self._open and self._open[-1][0] == tag:
+            name, attrs, parts = self._open.pop()
+            self.texts.append((name, attrs, "".join(parts).strip()))
+
+    def find(self, tag, **attrs):
+        return [a for t, a in self.tags if t == tag and all(a.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("report")
+    results = results_record(tmp_path)
+    path = render_run_report(results, tmp_path / "out")
+    text = path.read_text(encoding="utf-8")
+    return results, path, text, Page(text)
+
+
+def test_report_is_one_file_in_the_chosen_directory(report):
+    results, path, text, _ = report
+    assert path.name == "index.html" and [p.name for p in path.parent.iterdir()] == ["index.html"]
+    assert text.startswith("<!doctype html>") and len(text.encode()) < 5_000_000
+
+
+def test_every_embedded_image_decodes(report):
+    _, _, text, page = report
+    sources = [a["src"] for a in page.find("img")]
+    assert len(sources) == 1 + 3 + 1  # sink fail, baseline (3 panels), warn; the error has no layer data
+    for src in sources:
+        header, payload = src.split(",", 1)
+        assert header == "data:image/png;base64"
+        with Image.open(io.BytesIO(base64.b64decode(payload, validate=True))) as image:
+            image.verify()
+            assert image.size[0] > 100 and image.size[1] > 100
+    svgs = text.split("<svg")[1:]
+    assert len(svgs) == 1  # the overview of the one readable dataset
+    for chunk in svgs:
+        root = ET.fromstring("<svg" + chunk.split("</svg>")[0] + "</svg>")
+        assert "".join(root.itertext()).strip()
+
+
+def test_no_external_url_anywhere(report):
+    _, _, text, page = report
+    for tag, attrs in page.tags:
+        for name in URL_ATTRS:
+            if name not in attrs:
+                continue
+            value = (attrs[name] or "").strip().lower()
+            assert value.startswith(("data:", "#")), (tag, name, value[:80])
+    assert not page.find("script") and not page.find("link")
+    assert "@import" not in text and "url(http" not in text.replace(" ", "")
+
+
+def test_counts_per_spec_and_in_total_equal_the_results(report):
+    results, _, _, page = report
+    for spec in ("tiny", "missing"):
+        expected = Counter(c["status"] for c in results["checks"] if c["spec"] == spec)
+        assert _count_cells(page, spec) == {status: expected.get(status, 0) for status in STATUSES}
+    totals = {a["data-status"]: int(t) for n, a, t in page.texts if "total" in a.get("class", "").split()}
+    assert totals == {s: sum(c["status"] == s for c in results["checks"]) for s in STATUSES}
+
+
+def _count_cells(page: Page, spec: str) -> dict[str, int]:
+    """The count cells of the summary row for ``spec`` (rows hold one cell per status, in order)."""
+    cells = iter(t for t in page.texts if t[0] == "td" and "count" in t[1].get("class", "").split())
+    rows = [a["data-spec"] for t, a in page.tags if t == "tr" and a.get("data-spec")]
+    counts: dict[str, int] = {}
+    for row_spec in rows:
+        for status in STATUSES:
+            _, attrs, text = next(cells)
+            assert attrs["data-status"] == status
+            if row_spec == spec:
+                counts[status] = int(text)
+    return counts
+
+
+def test_every_check_appears_once_with_its_status_and_location(report):
+    results, _, _, page = report
+    rows = [a for a in page.find("tr") if "data-nodeid" in a]
+    assert [(a["data-nodeid"], a["data-status"]) for a in rows] == [(c["nodeid"], c["status"]) for c in results["checks"]]
+    locations = [t for n, a, t in page.texts if n == "td" and a.get("class") == "location"]
+    assert locations == [f"{c['file']}:{c['line']}" for c in results["checks"]]
+
+
+def test_failures_show_the_layer_figure_the_regen_command_and_why_figures_are_missing(report):
+    results, _, text, page = report
+    failures = [a for a in page.find("details") if a.get("class") == "failure"]
+    failing = [c for c in results["checks"] if c["status"] in ("fail", "warn", "error")]
+    assert [a["data-nodeid"] for a in failures] == [c["nodeid"] for c in failing]
+    regen = [t for n, a, t in page.texts if n == "pre" and a.get("class") == "regen"]
+    assert regen == ["pytest specs/tiny.yaml --attn-regen-baselines -k layer2"]
+    alts = [a["alt"] for a in page.find("img")]
+    assert alts[0].startswith("Layer 1, step 5") and alts[2:5] == ["baseline", "obtained", "obtained - baseline"]
+    assert "gone.nc does not exist" in text  # the unreadable dataset is named, not fatal
+
+
+def test_provenance_and_run_command_are_shown(report):
+    _, _, _, page = report
+    cells = [t for n, _, t in page.texts if n == "td"]
+    assert "ab12" in cells and "specs/tiny.yaml:1" in cells
+    assert [t for n, a, t in page.texts if a.get("id") == "run-command"] == ["pytest specs/ -q"]
+
+
+def test_a_results_record_without_checks_is_a_clear_error(tmp_path):
+    with pytest.raises(HarnessError, match=r"lacks \['checks'\]"):
+        render_run_report({"run": {}, "specs": []}, tmp_path)
+    bad = {"run": {}, "specs": [], "checks": [{"nodeid": "x", "spec": "s", "status": "passed"}]}
+    with pytest.raises(HarnessError, match=r"checks\[0\] \(x\): status 'passed'"):
+        render_run_report(bad, tmp_path)
+    assert list(tmp_path.iterdir()) == []
