@@ -160,7 +160,7 @@ class Recorder:
         self.records[(self.step, layer)] = {name: value.detach().cpu() for name, value in stats.items()}
 
 
-def _apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved RoPE, in the same op order as diffusers so results are bitwise equal."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos = freqs_cos[..., 0::2]
@@ -192,8 +192,8 @@ class CaptureProcessor:
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            query = _apply_rotary(query, *rotary_emb)
-            key = _apply_rotary(key, *rotary_emb)
+            query = apply_rotary(query, *rotary_emb)
+            key = apply_rotary(key, *rotary_emb)
 
         if self.recorder.mask is None:
             hidden_states = self._attend(query, key, value, attention_mask)

@@ -77,7 +77,7 @@ def resolve_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
     return layers
 
 
-def _geometry(probe: Probe, loaded: LoadedModel) -> dict[str, int]:
+def probe_geometry(probe: Probe, loaded: LoadedModel) -> dict[str, int]:
     geometry = loaded.geometry
     num_frames = probe.num_frames or geometry.num_frames
     height = probe.height or geometry.height
@@ -99,7 +99,7 @@ def _geometry(probe: Probe, loaded: LoadedModel) -> dict[str, int]:
     }
 
 
-def _scheduler(probe: Probe) -> UniPCMultistepScheduler:
+def make_scheduler(probe: Probe) -> UniPCMultistepScheduler:
     return UniPCMultistepScheduler(
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
@@ -178,7 +178,7 @@ def extract(
 
         return extract_rollout(loaded, probe, progress=progress)
     transformer = loaded.transformer
-    geo = _geometry(probe, loaded)
+    geo = probe_geometry(probe, loaded)
     layers = resolve_layers(probe.layers, len(transformer.blocks))
     capture_steps = resolve_steps(probe.capture_steps, probe.sample_steps)
     if probe.branch == "uncond" and probe.guidance <= 1.0:
@@ -195,7 +195,7 @@ def extract(
     shape = (1, loaded.config["in_channels"], geo["latent_frames"], geo["latent_height"], geo["latent_width"])
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(probe.seed), dtype=torch.float32).to(device)
 
-    scheduler = _scheduler(probe)
+    scheduler = make_scheduler(probe)
     scheduler.set_timesteps(probe.sample_steps, device=device)
     timesteps = scheduler.timesteps
     use_cfg = probe.guidance > 1.0

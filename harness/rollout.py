@@ -36,9 +36,9 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, _get_qkv_projections
 from tqdm.auto import tqdm
 
-from harness.capture import _apply_rotary, frame_stats, self_attention_modules
+from harness.capture import apply_rotary, frame_stats, self_attention_modules
 from harness.errors import HarnessError
-from harness.extract import DTYPES, _geometry, _scheduler, conditioning, resolve_device, resolve_layers, resolve_steps, run_attrs
+from harness.extract import DTYPES, make_scheduler, probe_geometry, conditioning, resolve_device, resolve_layers, resolve_steps, run_attrs
 from harness.metrics import default_query_frames
 from harness.models import LoadedModel
 from harness.probe import Probe
@@ -110,8 +110,8 @@ class RolloutProcessor:
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         cos, sin = self.state.block_rotary()  # the block's own frame positions, not 0..block_size-1
-        query = _apply_rotary(query, cos, sin)
-        key = _apply_rotary(key, cos, sin)
+        query = apply_rotary(query, cos, sin)
+        key = apply_rotary(key, cos, sin)
 
         cached = self.state.cache.get(self.state.branch, {}).get(self.layer)
         keys = key if cached is None else torch.cat([cached[0], key], dim=1)
@@ -190,7 +190,7 @@ def run_rollout(
     with torch.inference_mode(), rollout_processors(transformer, layers, state):
         for index, block in enumerate(tqdm(blocks, desc="rollout", unit="block", disable=not progress)):
             state.block = block
-            scheduler = _scheduler(probe)
+            scheduler = make_scheduler(probe)
             scheduler.set_timesteps(probe.sample_steps, device=noise.device)
             x = latents[:, :, block.start : block.stop]
             for step, timestep in enumerate(scheduler.timesteps):
@@ -223,7 +223,7 @@ def extract_rollout(loaded: LoadedModel, probe: Probe, *, progress: bool | None 
     """``extract`` for ``mode: rollout``: the same Dataset contract, rows filled block by block."""
     device = resolve_device(probe.device)
     dtype = DTYPES[probe.dtype]
-    geo = _geometry(probe, loaded)
+    geo = probe_geometry(probe, loaded)
     layers = resolve_layers(probe.layers, len(loaded.transformer.blocks))
     capture_steps = resolve_steps(probe.capture_steps, probe.sample_steps)
     if probe.branch == "uncond" and probe.guidance <= 1.0:
