@@ -68,7 +68,7 @@ class _Datasets:
 
     def extraction(self, path: str | None) -> xr.Dataset | str:
         if not path:
-            return "no dataset recorded"
+            return "no extraction: this spec did not run (see the skip or error reasons below)"
         if path not in self._cache:
             try:
                 self._cache[path] = read_dataset(path)
@@ -238,13 +238,14 @@ def render_run_report(results: Mapping, out_dir: Path | str) -> Path:
     store = _Datasets()
     specs = list(results["specs"])
     known = {spec["spec"] for spec in specs}
-    orphans = [c for c in results["checks"] if c["spec"] not in known]
+    for check in results["checks"]:  # specs that never extracted (skipped, errored) still get a section
+        if check["spec"] not in known:
+            known.add(check["spec"])
+            specs.append({"spec": check["spec"], "file": check.get("file"), "line": check.get("line")})
     sections = [
         _spec_section(store, spec, [c for c in results["checks"] if c["spec"] == spec["spec"]], index)
         for index, spec in enumerate(specs)
     ]
-    if orphans:
-        sections.append(_spec_section(store, {"spec": "(checks without a spec)"}, orphans, len(sections)))
     page = _environment().get_template("run_report.html.j2").render(
         run={k: _text(v) for k, v in results["run"].items()},
         statuses=STATUSES,
