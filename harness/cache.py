@@ -27,8 +27,10 @@ DEFAULT_DIR = ".attn-cache"
 LOG_NAME = "extractions.log"
 
 
-def cache_key(fingerprint: str, probe: Probe, device: str, version: str = harness.__version__) -> str:
-    payload = {"model": fingerprint, "probe": probe.as_dict(), "device": device, "harness": version}
+def cache_key(fingerprint: str, probe: Probe, device: str, version: str = harness.__version__, *,
+              inputs: dict[str, str] | None = None) -> str:
+    """sha256 of everything that decides an extraction; ``inputs`` fingerprints other files it reads."""
+    payload = {"model": fingerprint, "probe": probe.as_dict(), "device": device, "harness": version, **(inputs or {})}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -41,19 +43,24 @@ class ExtractionCache:
     def path_for(self, key: str) -> Path:
         return self.directory / f"{key}.nc"
 
-    def load_or_extract(self, model: str, probe: Probe) -> tuple[xr.Dataset, Path]:
+    def load_or_extract(self, model: str, probe: Probe, *, base_model: str | None = None) -> tuple[xr.Dataset, Path]:
         """The cached extraction of ``model`` under ``probe``, extracting (once) if absent."""
         from harness.extract import extract, resolve_device  # torch: only when data is needed
-        from harness.models import model_fingerprint
+        from harness.models import file_sha256, model_fingerprint
 
         device = str(resolve_device(probe.device))
-        key = cache_key(model_fingerprint(model), probe, device)
+        inputs = {}
+        if base_model:
+            inputs["base_model"] = model_fingerprint(base_model)
+        if probe.prompt_embeds:
+            inputs["prompt_embeds"] = file_sha256(Path(probe.prompt_embeds))
+        key = cache_key(model_fingerprint(model), probe, device, inputs=inputs)
         path = self.path_for(key)
         self.directory.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if not path.is_file():
                 started = time.perf_counter()
-                store.write_dataset(extract(model, probe, progress=False), path)
+                store.write_dataset(extract(model, probe, progress=False, base_model=base_model), path)
                 self._log(key, model, time.perf_counter() - started)
         return store.read_dataset(path), path
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import tempfile
 from collections.abc import Callable
@@ -371,3 +372,23 @@ def model_fingerprint(source: str | Path) -> str:
 @lru_cache(maxsize=None)
 def _embedded_fingerprint(name: str) -> str:
     return EMBEDDED[name]().fingerprint
+
+
+def num_layers(source: str | Path) -> int:
+    """How many transformer blocks a model source has, read from its config without building it.
+
+    A training checkpoint file has no config: its block count is read from its weight names.
+    """
+    if str(source) in EMBEDDED:
+        return int(EMBEDDED[str(source)]().config["num_layers"])
+    layout = layouts.detect_layout(source)
+    if layout.config_dir is not None:
+        value = layouts.read_json(layout.config_dir / "config.json").get("num_layers")
+        if isinstance(value, int):
+            return value
+        raise HarnessError(f"{layout.config_dir / 'config.json'}: no integer num_layers")
+    raw, _ = layouts.select_generator(layouts.load_checkpoint_file(layout.path), layout.path)
+    blocks = {int(match[1]) for key in raw if (match := re.search(r"(?:^|\.)blocks\.(\d+)\.", key))}
+    if not blocks:
+        raise HarnessError(f"{layout.path}: no blocks.N.* weights, so the layer count is unknown")
+    return max(blocks) + 1

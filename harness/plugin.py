@@ -27,11 +27,13 @@ from harness import checks
 from harness.atomic import write_atomic
 from harness.cache import DEFAULT_DIR, ExtractionCache
 from harness.errors import HarnessError
+from harness.probe import Probe
 from harness.spec import PropertyCheck, Spec, SpecError, load_specs, resolve_model
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 PROVENANCE_KEYS = (
-    "model_id", "checkpoint_path", "checkpoint_fingerprint", "dtype", "device", "mask", "block_size",
+    "model_id", "checkpoint_path", "checkpoint_layout", "checkpoint_fingerprint", "prompt_encoder",
+    "dtype", "device", "mask", "mode", "block_size",
     "harness_version", "torch_version", "diffusers_version", "created",
 )
 
@@ -54,11 +56,11 @@ class _State:
     records: dict[str, dict] = field(default_factory=dict)  # nodeid -> record (controller)
     specs: dict[str, dict] = field(default_factory=dict)  # spec name -> spec entry (controller)
 
-    def dataset(self, spec: Spec, source: str):
+    def dataset(self, spec: Spec, source: str, base_model: str | None, probe: Probe):
         key = f"{spec.file}::{spec.name}"
         if key not in self.loaded:
             try:
-                self.loaded[key] = self.cache.load_or_extract(source, spec.probe)
+                self.loaded[key] = self.cache.load_or_extract(source, probe, base_model=base_model)
             except HarnessError as err:
                 self.loaded[key] = err
         found = self.loaded[key]
@@ -128,17 +130,9 @@ class SpecFile(pytest.File):
 
 def _num_layers(source: str) -> int:
     """How many transformer blocks the model has (to expand ``all``), without running it."""
-    from harness import models
+    from harness.models import num_layers
 
-    if source in models.EMBEDDED:
-        return int(models.EMBEDDED[source]().config["num_layers"])
-    path = Path(source)
-    for config in (path / "transformer" / "config.json", path / "config.json"):
-        if config.is_file():
-            value = json.loads(config.read_text()).get("num_layers")
-            if isinstance(value, int):
-                return value
-    raise HarnessError(f"{source}: cannot find num_layers in config.json to expand 'all' layers")
+    return num_layers(source)
 
 
 def _cuda_available() -> bool:
@@ -154,11 +148,19 @@ class SpecNode(pytest.Collector):
         super().__init__(**kwargs)
         self.spec = spec
         self.source: str | None = None
+        self.base_model: str | None = None
+        self.probe: Probe = spec.probe
 
     def collect(self):
         spec = self.spec
         self._apply_marks()
-        source, reason = resolve_model(spec.model, embedded=_embedded_names(), root=self.config.rootpath)
+        root = self.config.rootpath
+        source, reason = resolve_model(spec.model, embedded=_embedded_names(), root=root)
+        if spec.base_model and not reason:
+            self.base_model, reason = resolve_model(spec.base_model, embedded=_embedded_names(), root=root)
+        if spec.probe.prompt_embeds and not reason:
+            embeds, reason = resolve_model(spec.probe.prompt_embeds, embedded=(), root=root)
+            self.probe = spec.probe.replace(prompt_embeds=embeds)
         self.source = source
         if reason:
             self.add_marker(pytest.mark.skip(reason=f"spec {spec.name!r}: {reason}"))
@@ -232,7 +234,7 @@ class _SpecItem(pytest.Item):
         if self.layer == "all" or self.spec_node.source is None:
             raise HarnessError(f"spec {self.spec.name!r} has no usable model")
         state = self.config.stash[_STATE]
-        ds, path = state.dataset(self.spec, self.spec_node.source)
+        ds, path = state.dataset(self.spec, self.spec_node.source, self.spec_node.base_model, self.spec_node.probe)
         self.outcome["spec_entry"] = {
             "spec": self.spec.name, "file": self.spec.file, "line": self.spec.line, "model": self.spec_node.source,
             "probe": self.spec.probe.as_dict(), "dataset": str(path),

@@ -97,6 +97,7 @@ class Spec:
     groups: tuple[LayerGroup, ...]
     baseline: BaselineSpec | None
     marks: tuple[MarkSpec, ...] = field(default=())
+    base_model: str | None = None  # architecture source for a bare training checkpoint, as written
 
     def checks_by_layer(self, num_layers: int | None) -> dict[int | str, list[PropertyCheck]]:
         """Checks per layer; ``all`` groups need ``num_layers`` (else they stay under key "all")."""
@@ -266,8 +267,10 @@ PROBE_KEYS: dict[str, tuple[str, str]] = {
     "device": ("device", "str"),
     "branch": ("branch", "str"),
     "metrics": ("metrics", "str_list"),
+    "mode": ("mode", "str"),
+    "prompt_embeds": ("prompt_embeds", "str"),
 }
-SPEC_KEYS = ("name", "description", "model", "probe", "layers", "baseline", "marks")
+SPEC_KEYS = ("name", "description", "model", "base_model", "probe", "layers", "baseline", "marks")
 BASELINE_KEYS = ("file", "layers", "logits", "mass")
 
 
@@ -460,6 +463,7 @@ def _spec(ctx: _Ctx, raw: Any, line: int, names: dict[str, int]) -> Spec:
         raise ctx.fail(name_line, f"duplicate spec name {name!r} (first at line {names[name]})")
     names[name] = name_line
     model = ctx.typed(raw, "model", "spec", "str", line)
+    base_model = ctx.typed(raw, "base_model", "spec", "str", line) if "base_model" in raw else None
     if "description" in raw:
         ctx.typed(raw, "description", "spec", "str", line)
     groups = _groups(ctx, raw["layers"], _line(raw, "layers", line))
@@ -472,7 +476,7 @@ def _spec(ctx: _Ctx, raw: Any, line: int, names: dict[str, int]) -> Spec:
                                f"only {list(probe.metrics)}")
     marks = _marks(ctx, raw["marks"], _line(raw, "marks", line)) if "marks" in raw else ()
     return Spec(name=name, file=ctx.file, line=name_line, model=model, probe=probe, groups=groups,
-                baseline=baseline, marks=marks)
+                baseline=baseline, marks=marks, base_model=base_model)
 
 
 def load_specs(path: str | os.PathLike, *, display: str | None = None) -> list[Spec]:

@@ -8,6 +8,7 @@ import textwrap
 from importlib.metadata import entry_points
 
 import pytest
+import torch
 
 from harness import store
 
@@ -178,3 +179,41 @@ def test_missing_checkpoint_env_var_and_gpu_mark_skip_with_reason(project, monke
     if not torch.cuda.is_available():
         result.stdout.fnmatch_lines(["*'on-gpu' is marked gpu and no CUDA device is present*"])
         result.assert_outcomes(skipped=2)
+
+
+CHECKPOINT_SPEC = """\
+specs:
+  - name: ar-checkpoint
+    model: ckpt/self_forcing_step100.pt
+    probe:
+      sample_steps: 2
+      capture_steps: [last]
+      mask: block-causal
+      prompt_embeds: ckpt/prompt_embeds.pt
+      metrics: [logits, mass]
+    layers:
+      all:
+        - causal
+        - causal: {id: causal_logits, metric: logits}
+        - row_stochastic
+"""
+
+
+def test_block_causal_spec_runs_against_a_training_checkpoint_file(project, pytester):
+    """An autoregressive trainer's .pt (generator_ema, model. prefix, original keys) as a spec's model."""
+    from harness.models import build_tiny_random
+    from tests.test_layouts import to_original
+
+    state = {k: v.detach().clone() for k, v in build_tiny_random().state_dict().items()}
+    (pytester.path / "ckpt").mkdir()
+    ema = {f"model.{k}": v for k, v in to_original(state).items()}
+    torch.save({"generator_ema": ema}, pytester.path / "ckpt" / "self_forcing_step100.pt")
+    gen = torch.Generator().manual_seed(0)
+    embeds = {"prompt_embeds": torch.randn(1, 16, 64, generator=gen), "negative_prompt_embeds": torch.zeros(1, 16, 64)}
+    torch.save(embeds, pytester.path / "ckpt" / "prompt_embeds.pt")
+    project.write(CHECKPOINT_SPEC, name="ar.yaml")
+    result = project.run("--attn-results", "out", "-v")
+    result.assert_outcomes(passed=12)
+    record = json.loads((pytester.path / "out" / "results.json").read_text())["specs"][0]
+    assert record["provenance"]["checkpoint_layout"] == "training-checkpoint"
+    assert record["provenance"]["mask"] == "block-causal"
