@@ -19,7 +19,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -198,7 +198,35 @@ def _load_tiny_random() -> LoadedModel:
     )
 
 
-EMBEDDED: dict[str, Callable[[], LoadedModel]] = {"tiny-random": _load_tiny_random}
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _load_fixture(name: str, folder: str) -> LoadedModel:
+    """A trained tiny model shipped as package data in diffusers layout (harness/fixtures/)."""
+    from harness.fixtures.videos import class_embedding
+
+    layout = layouts.detect_layout(FIXTURES / folder)
+    config_file = layout.config_dir / "config.json"
+    state = layouts.to_diffusers_keys(layouts.read_weights(layout.weight_files), config_file)
+    model = build_transformer(layouts.diffusers_config(layouts.read_json(config_file), config_file), state, layout.path)
+    return LoadedModel(
+        transformer=model,
+        model_id=name,
+        checkpoint_path=f"embedded:{name}",
+        fingerprint=files_fingerprint(layout.weight_files),
+        geometry=TINY_GEOMETRY,
+        encode_prompt=class_embedding,
+        prompt_encoder="class embedding of the prompt's colour/shape/direction/speed words "
+        "(harness.fixtures.videos); other prompts: sha256-seeded random embedding",
+        architecture=f"{config_file.relative_to(FIXTURES.parent)}",
+    )
+
+
+EMBEDDED: dict[str, Callable[[], LoadedModel]] = {
+    "tiny-random": _load_tiny_random,
+    "tiny-trained": partial(_load_fixture, "tiny-trained", "tiny_trained"),
+    "tiny-trained-causal": partial(_load_fixture, "tiny-trained-causal", "tiny_trained_causal"),
+}
 
 
 def cast_model(model: WanTransformer3DModel, dtype: torch.dtype) -> WanTransformer3DModel:
