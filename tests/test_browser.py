@@ -4,14 +4,16 @@ Uses Debian's chromium (scripts/install_browser.sh) driven by Playwright with
 ``executable_path``; Playwright's own browser download is never used. Without a browser the
 tests skip, except under CI (``CI=true``), where a missing browser is a failure.
 
-Set ``ATTN_REPORT_UNDER_TEST=reports/latest/index.html`` to check an existing report too,
-and ``ATTN_SCREENSHOT_TO=docs/report-screenshot.png`` to keep its screenshot.
+``ATTN_SCREENSHOT_TO=docs/report-screenshot.png`` keeps the screenshot of the real run's report.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,9 +126,23 @@ def test_a_broken_image_is_caught(browser, tmp_path):
         assert_renders(measured, errors, requests)
 
 
-@pytest.mark.skipif(not os.environ.get("ATTN_REPORT_UNDER_TEST"), reason="set ATTN_REPORT_UNDER_TEST to a report")
-def test_existing_report_renders(browser, tmp_path):
-    target = os.environ.get("ATTN_SCREENSHOT_TO")
-    shot = Path(target) if target else tmp_path / "shot.png"
-    measured, errors, requests = open_page(browser, Path(os.environ["ATTN_REPORT_UNDER_TEST"]), screenshot=shot)
+def test_report_of_a_real_specs_run_renders_and_counts_what_pytest_counted(browser, tmp_path):
+    """`pytest specs/tiny_default.yaml` on the embedded models, as a user runs it, then opened.
+
+    ``ATTN_SCREENSHOT_TO=docs/report-screenshot.png`` keeps the screenshot for the README.
+    """
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "specs/tiny_default.yaml",
+         "--attn-report", str(tmp_path / "report"), "--attn-cache", str(tmp_path / "cache")],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:]
+    passed = int(re.search(r"(\d+) passed", run.stdout).group(1))
+    page = tmp_path / "report" / "index.html"
+    totals = dict(re.findall(r'class="num total" data-status="(\w+)">(\d+)<', page.read_text()))
+    assert int(totals["pass"]) == passed and passed >= 20
+    shot = Path(os.environ.get("ATTN_SCREENSHOT_TO") or tmp_path / "shot.png")
+    measured, errors, requests = open_page(browser, page, screenshot=shot)
     assert_renders(measured, errors, requests)
+    assert len(measured["svgs"]) == 2  # one layer x head overview per spec
