@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU check (issue 5, item 5). Installs nothing from the network: diffusers and its dependencies
+# come as wheels from .whl/ (make them with benchmarks/fetch_wheels.sh), installed into $SITE
+# only when this Python cannot import diffusers. Arguments go to benchmarks/gpu_check.py:
+#   bash benchmarks/gpu_check.sh                      # full Wan2.1-T2V-1.3B shape on CUDA, bf16, 2 steps
+#   bash benchmarks/gpu_check.sh --shape tiny --device cpu   # the same code path, CPU-sized
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}
+WHEELS=${WHEELS:-.whl}
+if [[ -n "${FORCE_WHEELS:-}" ]] || ! "$PY" -c "import diffusers" 2>/dev/null; then
+    shopt -s nullglob
+    wheels=("$WHEELS"/*.whl)
+    if (( ${#wheels[@]} == 0 )); then
+        echo "gpu_check: this Python has no diffusers and $WHEELS/ holds no wheels;" \
+             "run benchmarks/fetch_wheels.sh on a machine with network and carry $WHEELS/ along" >&2
+        exit 2
+    fi
+    if "$PY" -c "import numpy" 2>/dev/null; then  # keep the numpy PyTorch was installed with
+        wheels=($(printf '%s\n' "${wheels[@]}" | grep -v '/numpy-'))
+    fi
+    "$PY" -m pip install --quiet --no-index --no-deps --upgrade --target "$SITE" "${wheels[@]}"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PY" -m benchmarks.gpu_check "$@"
