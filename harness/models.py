@@ -29,7 +29,16 @@ from filelock import FileLock
 
 from harness import layouts
 from harness.errors import HarnessError
-from harness.prompts import ORIGINAL_T5_GLOB, HashPromptEncoder, MissingPromptEncoder, UMT5PromptEncoder, find_text_encoder
+from harness.prompts import (
+    ORIGINAL_T5_GLOB,
+    ORIGINAL_TOKENIZER,
+    HashPromptEncoder,
+    MissingPromptEncoder,
+    OriginalUMT5PromptEncoder,
+    UMT5PromptEncoder,
+    find_original_text_encoder,
+    find_text_encoder,
+)
 
 # The embedded tiny model: Wan's architecture (patch (1,2,2), q/k RMSNorm across heads, 3-D
 # RoPE, cross-attention to text) at a size that extracts in seconds on a laptop CPU.
@@ -297,23 +306,28 @@ def _small(config: dict) -> bool:
 
 
 def _prompt_encoder(layout: layouts.Layout | None, device: str | torch.device, small: bool):
-    """The umT5 encoder beside a dir layout's transformer, else one that asks for --prompt-embeds."""
-    found = find_text_encoder(layout.path) if layout is not None and layout.path.is_dir() else None
-    if found is None:
-        if layout is None:
-            return MissingPromptEncoder("a checkpoint file without --base-model")
-        original = sorted(layout.path.glob(ORIGINAL_T5_GLOB)) if layout.path.is_dir() else []
-        return MissingPromptEncoder(str(layout.path), original[0].name if original else "")
-    encoder_dir, tokenizer_dir = found
-    weights = tuple(sorted(encoder_dir.glob("*.safetensors"))) + tuple(sorted(p for p in tokenizer_dir.iterdir() if p.is_file()))
-    return UMT5PromptEncoder(
-        encoder_dir,
-        tokenizer_dir,
-        lambda: files_fingerprint(weights),
-        cache_dir(),
-        text_tokens=_text_tokens(layout, small),
-        device=device,
-    )
+    """The umT5 encoder beside a dir layout's transformer (diffusers ``text_encoder/``, or the original
+    release's ``models_t5_*.pth`` + ``google/umt5-xxl/``), else one that asks for --prompt-embeds."""
+    if layout is None:
+        return MissingPromptEncoder("a checkpoint file without --base-model")
+    on_disk = layout.path.is_dir()
+    for find, encoder_class in ((find_text_encoder, UMT5PromptEncoder), (find_original_text_encoder, OriginalUMT5PromptEncoder)):
+        found = find(layout.path) if on_disk else None
+        if found is not None:
+            encoder, tokenizer_dir = found
+            weights = (*sorted(encoder.glob("*.safetensors")),) if encoder.is_dir() else (encoder,)
+            files = weights + tuple(sorted(p for p in tokenizer_dir.iterdir() if p.is_file()))
+            return encoder_class(
+                encoder,
+                tokenizer_dir,
+                partial(files_fingerprint, files),
+                cache_dir(),
+                text_tokens=_text_tokens(layout, small),
+                device=device,
+            )
+    original = sorted(layout.path.glob(ORIGINAL_T5_GLOB)) if on_disk else []
+    found = f"{original[0].name} but no {ORIGINAL_TOKENIZER}/ tokenizer folder beside it" if original else ""
+    return MissingPromptEncoder(str(layout.path), found)
 
 
 def _load_path(path: Path, base_model: Path | None, device: str | torch.device) -> LoadedModel:

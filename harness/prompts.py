@@ -5,7 +5,8 @@ from, in order of precedence:
 
 1. ``--prompt-embeds FILE``: a ``.pt`` holding a tensor ``[1, tokens, text_dim]`` or a dict with
    ``prompt_embeds`` (and optionally ``negative_prompt_embeds``), or a ``.safetensors`` with those keys;
-2. the text encoder in the checkpoint dir (diffusers ``text_encoder/`` + ``tokenizer/``), run
+2. the text encoder in the checkpoint dir (diffusers ``text_encoder/`` + ``tokenizer/``, or the
+   original release's ``models_t5_*.pth`` + ``google/umt5-xxl/``, converted on load), run
    with ``transformers`` (the optional extra ``[text]``) and cached on disk keyed by prompt +
    encoder fingerprint, so the 11 GB encoder loads once per prompt, not once per run;
 3. the embedded models' hash-seeded stand-in embedding.
@@ -33,6 +34,8 @@ EMBEDS_KEY = "prompt_embeds"
 NEGATIVE_KEY = "negative_prompt_embeds"
 WAN_TEXT_TOKENS = 512
 TEXT_EXTRA = "pip install 'attn-harness[text]' (adds transformers)"
+ORIGINAL_T5_GLOB = "models_t5_*.pth"  # the original release's umT5 weights (Wan's own T5 module names)
+ORIGINAL_TOKENIZER = "google/umt5-xxl"  # its tokenizer folder, as Wan's configs name it (t5_tokenizer)
 
 
 def embedding_fingerprint(tensor: torch.Tensor) -> str:
@@ -125,12 +128,13 @@ class MissingPromptEncoder:
     description = "none"
 
     def __init__(self, where: str, found: str = "") -> None:
-        self.where, self.found = where, found
+        self.where, self.found = where, found  # found: what was there instead, as a phrase
 
     def __call__(self, prompt: str) -> torch.Tensor:
-        found = f"; found {self.found}, which this harness cannot run" if self.found else ""
+        found = f"; found {self.found}" if self.found else ""
         raise HarnessError(
-            f"{self.where}: no text encoder found (looked for text_encoder/ + tokenizer/ beside the transformer{found}), "
+            f"{self.where}: no text encoder found (looked for text_encoder/ + tokenizer/, or {ORIGINAL_T5_GLOB} + "
+            f"{ORIGINAL_TOKENIZER}/, beside the transformer{found}), "
             "so prompt text cannot be encoded; pass --prompt-embeds FILE (a .pt tensor [1, tokens, text_dim] or a "
             f"dict/safetensors with {EMBEDS_KEY!r} and {NEGATIVE_KEY!r})"
         )
@@ -149,7 +153,7 @@ def clean_prompt(prompt: str) -> str:
 
 
 class UMT5PromptEncoder:
-    """umT5 encoder of a diffusers pipeline dir, loaded on first use; embeddings cached on disk.
+    """umT5 encoder (a diffusers ``text_encoder/`` dir), loaded on first use; embeddings cached on disk.
 
     Encoding follows diffusers' Wan pipeline: tokens padded to ``text_tokens``, the encoder's last
     hidden state kept for the real tokens and zero beyond them.
@@ -195,13 +199,12 @@ class UMT5PromptEncoder:
     def encode(self, prompt: str) -> torch.Tensor:
         """Run the encoder (no cache): float32 ``[1, text_tokens, hidden]``."""
         try:
-            from transformers import AutoTokenizer, UMT5EncoderModel
+            from transformers import AutoTokenizer
         except ImportError as err:
             raise HarnessError(f"{self.encoder_dir}: encoding prompts needs transformers: {TEXT_EXTRA}") from err
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # umT5 overflows in float16
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
-        encoder = UMT5EncoderModel.from_pretrained(self.encoder_dir, dtype=dtype, local_files_only=True)
-        encoder.to(self.device).eval()
+        encoder = self.load_encoder(dtype).to(self.device).eval()
         tokens = tokenizer(
             clean_prompt(prompt),
             padding="max_length",
@@ -219,8 +222,28 @@ class UMT5PromptEncoder:
         self.calls += 1
         return embedding
 
+    def load_encoder(self, dtype: torch.dtype):
+        """The transformers ``UMT5EncoderModel`` of a diffusers ``text_encoder/`` dir."""
+        from transformers import UMT5EncoderModel
 
-ORIGINAL_T5_GLOB = "models_t5_*.pth"  # the original release's umT5 weights (Wan's own T5 module names)
+        return UMT5EncoderModel.from_pretrained(self.encoder_dir, dtype=dtype, local_files_only=True)
+
+
+class OriginalUMT5PromptEncoder(UMT5PromptEncoder):
+    """The original release's ``models_t5_*.pth`` (Wan's own T5 names), converted to transformers'
+    umT5 on load and otherwise encoded and cached exactly as a pipeline dir's encoder."""
+
+    def __init__(self, weights: Path, tokenizer_dir: Path, fingerprint: Callable[[], str], cache_dir: Path, **kwargs) -> None:
+        super().__init__(weights, tokenizer_dir, fingerprint, cache_dir, **kwargs)
+        self.description = (
+            f"umT5 encoder {weights} (Wan T5 keys converted; tokenizer {tokenizer_dir.name}/, {self.text_tokens} tokens)"
+        )
+
+    def load_encoder(self, dtype: torch.dtype):
+        """Wan's T5 state dict as a ``UMT5EncoderModel`` (see ``harness.umt5``)."""
+        from harness.umt5 import load_original_umt5
+
+        return load_original_umt5(self.encoder_dir, dtype)
 
 
 def find_text_encoder(root: Path) -> tuple[Path, Path] | None:
@@ -228,6 +251,14 @@ def find_text_encoder(root: Path) -> tuple[Path, Path] | None:
     encoder, tokenizer = root / "text_encoder", root / "tokenizer"
     if (encoder / "config.json").is_file() and tokenizer.is_dir():
         return encoder, tokenizer
+    return None
+
+
+def find_original_text_encoder(root: Path) -> tuple[Path, Path] | None:
+    """``(models_t5_*.pth, google/umt5-xxl dir)`` of an original Wan release dir, or None."""
+    weights, tokenizer = sorted(root.glob(ORIGINAL_T5_GLOB)), root / ORIGINAL_TOKENIZER
+    if weights and tokenizer.is_dir():
+        return weights[0], tokenizer
     return None
 
 

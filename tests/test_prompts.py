@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -100,26 +101,38 @@ def test_prompt_embeds_file_reproduces_the_embedded_models_run_on_a_checkpoint_d
 WORDS = ["a", "red", "square", "moving", "from", "left", "to", "right", "blue", "circle"]
 
 
-def write_pipeline_with_text_encoder(root, seed: int = 0):
-    """A diffusers pipeline dir: tiny transformer + a tiny random umT5 encoder + a word-level tokenizer."""
+VOCAB = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+
+
+def word_tokenizer():
+    """A word-level umT5-style tokenizer (</s> appended, <pad> 0) built offline."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    (root / "model_index.json").parent.mkdir(parents=True, exist_ok=True)
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
-    build_tiny_random().save_pretrained(root / "transformer")
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(root / "tokenizer")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_umt5(seed: int, d_kv: int = 16):
+    """A random umT5 encoder as wide as the tiny transformer's text_dim."""
+    transformers = pytest.importorskip("transformers")
     config = transformers.UMT5Config(
-        vocab_size=len(vocab), d_model=TEXT_DIM, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+        vocab_size=len(VOCAB), d_model=TEXT_DIM, d_kv=d_kv, d_ff=96, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
     torch.manual_seed(seed)
-    transformers.UMT5EncoderModel(config).eval().save_pretrained(root / "text_encoder")
+    return transformers.UMT5EncoderModel(config).eval()
+
+
+def write_pipeline_with_text_encoder(root, seed: int = 0):
+    """A diffusers pipeline dir: tiny transformer + a tiny random umT5 encoder + a word-level tokenizer."""
+    (root / "model_index.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    build_tiny_random().save_pretrained(root / "transformer")
+    word_tokenizer().save_pretrained(root / "tokenizer")
+    tiny_umt5(seed).save_pretrained(root / "text_encoder")
     return root
 
 
@@ -167,5 +180,127 @@ def test_original_umt5_pth_is_named_in_the_error_with_what_to_do_instead(tmp_pat
 
     write_original_dir(build_tiny_random(), tmp_path / "wan")
     (tmp_path / "wan" / "models_t5_umt5-xxl-enc-bf16.pth").write_bytes(b"")
-    with pytest.raises(HarnessError, match="found models_t5_umt5-xxl-enc-bf16.pth, which this harness cannot run.*--prompt-embeds"):
+    with pytest.raises(HarnessError, match="found models_t5_umt5-xxl-enc-bf16.pth but no google/umt5-xxl/ tokenizer.*--prompt-embeds"):
         load_model(tmp_path / "wan").encode_prompt("a red square")
+
+
+# --- the original release's umT5 weights (Wan's own T5 names) + google/umt5-xxl tokenizer ---------
+
+ORIGINAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+# transformers UMT5EncoderModel name (full match) -> Wan T5Encoder name: the inverse of harness.umt5's table.
+_TO_WAN = (
+    (r"shared\.weight", "token_embedding.weight"),
+    (r"encoder\.final_layer_norm\.weight", "norm.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", r"blocks.\1.attn.\2.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", r"blocks.\1.pos_embedding.embedding.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight", r"blocks.\1.ffn.gate.0.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight", r"blocks.\1.ffn.fc2.weight"),
+)
+
+
+def to_wan_t5(encoder) -> dict[str, torch.Tensor]:
+    """A UMT5EncoderModel's weights under Wan's T5Encoder names, in bfloat16 as the release ships them."""
+    out = {}
+    for key, value in encoder.state_dict().items():
+        if key == "encoder.embed_tokens.weight":
+            continue  # tied to shared.weight; Wan stores the embedding once
+        (name,) = [re.sub(pattern, wan, key) for pattern, wan in _TO_WAN if re.fullmatch(pattern, key)]
+        out[name] = value.detach().to(torch.bfloat16).clone()
+    return out
+
+
+def bf16_umt5(seed: int):
+    """A tiny umT5 whose float32 weights are bfloat16 values, so the bf16 file holds them exactly.
+
+    d_kv 8 x 4 heads = 32 is not d_model 64, so the conversion must read d_kv from q's shape."""
+    encoder = tiny_umt5(seed, d_kv=8)
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    return encoder
+
+
+def write_original_with_umt5(root, encoder, state: dict[str, torch.Tensor] | None = None):
+    """An original Wan release dir: tiny transformer + Wan-keyed umT5 .pth + google/umt5-xxl tokenizer."""
+    from tests.test_layouts import write_original_dir
+
+    write_original_dir(build_tiny_random(), root)
+    torch.save(to_wan_t5(encoder) if state is None else state, root / ORIGINAL_T5)
+    word_tokenizer().save_pretrained(root / "google" / "umt5-xxl")
+    return root
+
+
+def _reference_embedding(encoder, prompt: str, text_tokens: int) -> torch.Tensor:
+    tokens = word_tokenizer()(prompt, padding="max_length", max_length=text_tokens, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
+    return hidden * tokens.attention_mask[..., None]  # real tokens kept, padding zeroed
+
+
+def test_wan_t5_key_inverse_round_trips_through_the_conversion(tmp_path):
+    pytest.importorskip("transformers")
+    from harness.umt5 import to_transformers_keys
+
+    encoder = bf16_umt5(0)
+    converted = to_transformers_keys(to_wan_t5(encoder), tmp_path / ORIGINAL_T5)
+    expected = encoder.state_dict()
+    assert sorted(converted) == sorted(expected)
+    assert all(torch.equal(converted[k].float(), expected[k]) for k in expected)
+
+
+def test_original_umt5_pth_encodes_exactly_as_the_transformers_model_it_was_written_from(tmp_path):
+    encoder = bf16_umt5(0)
+    root = write_original_with_umt5(tmp_path / "wan", encoder)
+    loaded = load_model(root)
+    assert loaded.prompt_encoder.startswith(f"umT5 encoder {root / ORIGINAL_T5} (Wan T5 keys converted")
+    embedding = loaded.encode_prompt("a red square")
+    text_tokens = 512  # the original config's text_len
+    assert embedding.shape == (1, text_tokens, TEXT_DIM)
+    # Same transformers module, same float32 weights (bf16 values stored exactly), same padded ids and
+    # mask, same CPU kernels: the result is bitwise equal, not merely close.
+    assert torch.equal(embedding, _reference_embedding(encoder, "a red square", text_tokens))
+    assert (embedding[:, 4:] == 0).all() and (embedding[:, :4] != 0).any()
+    again = load_model(root).encode_prompt
+    assert torch.equal(again("a red square"), embedding) and again.calls == 0  # served from the cache
+    # The check discriminates the one pair of names that does not say which is which: gate vs fc1.
+    swapped = to_wan_t5(encoder)
+    for block in (0, 1):
+        gate, fc1 = f"blocks.{block}.ffn.gate.0.weight", f"blocks.{block}.ffn.fc1.weight"
+        swapped[gate], swapped[fc1] = swapped[fc1], swapped[gate]
+    other = load_model(write_original_with_umt5(tmp_path / "swapped", encoder, swapped)).encode_prompt("a red square")
+    assert not torch.allclose(other, embedding, atol=1e-3)
+
+
+def test_extract_on_an_original_dir_encodes_prompts_without_prompt_embeds(tmp_path):
+    root = write_original_with_umt5(tmp_path / "wan", bf16_umt5(0))
+    ds = extract(str(root), PROBE.replace(prompt="a red square moving"), progress=False)
+    loaded = load_model(root)
+    assert ds.attrs["checkpoint_layout"] == "wan-original"
+    assert ds.attrs["prompt_encoder"] == loaded.prompt_encoder
+    assert ds.attrs["prompt_embedding_fingerprint"] == embedding_fingerprint(loaded.encode_prompt("a red square moving"))
+    assert ds.attrs["negative_prompt_embedding_fingerprint"] == embedding_fingerprint(loaded.encode_prompt(PROBE.negative_prompt))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda s: {**s, "pos_embedding.embedding.weight": s["blocks.0.pos_embedding.embedding.weight"], "head.weight": s["norm.weight"]},
+            r"not a Wan umT5 encoder state dict; unexpected keys head\.weight, pos_embedding\.embedding\.weight \(expected Wan's T5Encoder",
+        ),
+        (
+            lambda s: {k: v for k, v in s.items() if k != "blocks.1.ffn.fc2.weight"},
+            r"do not form a 2-layer encoder: missing encoder\.block\.1\.layer\.1\.DenseReluDense\.wo\.weight",
+        ),
+    ],
+    ids=["unexpected-keys", "missing-key"],
+)
+def test_original_umt5_pth_with_wrong_keys_is_one_error_naming_file_and_keys(tmp_path, change, message):
+    encoder = bf16_umt5(0)
+    root = write_original_with_umt5(tmp_path / "wan", encoder, change(to_wan_t5(encoder)))
+    with pytest.raises(HarnessError, match=message) as info:
+        load_model(root).encode_prompt("a red square")
+    assert str(info.value).startswith(f"{root / ORIGINAL_T5}: ")
