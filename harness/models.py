@@ -16,7 +16,6 @@ import hashlib
 import json
 import re
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -28,6 +27,7 @@ from diffusers import WanTransformer3DModel
 from filelock import FileLock
 
 from harness import layouts
+from harness.atomic import write_atomic
 from harness.errors import HarnessError
 from harness.prompts import (
     ORIGINAL_T5_GLOB,
@@ -158,10 +158,7 @@ def file_sha256(path: Path) -> str:
         with FileLock(str(store) + ".lock"):
             known = _read_fingerprints(store)
             known[key] = digest
-            handle, temp = tempfile.mkstemp(dir=store.parent, prefix=f".{store.name}.", suffix=".tmp")
-            with os.fdopen(handle, "w") as out:
-                json.dump(known, out, indent=0, sort_keys=True)
-            os.replace(temp, store)
+            write_atomic(store, json.dumps(known, indent=0, sort_keys=True).encode())
     except OSError:
         pass  # a read-only cache only costs rehashing next time
     return digest

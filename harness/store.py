@@ -8,15 +8,14 @@ in and out; it lists every problem it finds, each with the first offending locat
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
+from harness.atomic import atomic_path
 from harness.errors import HarnessError
 from harness.schema import DIMS, MASKS, REQUIRED_ATTRS, json_safe_attr
 
@@ -42,16 +41,11 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     path = Path(path)
     out = _storable(ds)
     encoding = {name: dict(FLOAT_ENCODING) for name, var in out.data_vars.items() if var.dtype == np.float32}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out.to_netcdf(tmp, engine=ENGINE, format="NETCDF4", encoding=encoding)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            out.to_netcdf(tmp, engine=ENGINE, format="NETCDF4", encoding=encoding)
     except (OSError, TypeError, ValueError) as exc:
         raise HarnessError(f"could not write {path}: {exc}") from exc
-    finally:
-        with contextlib.suppress(OSError):  # absent after os.replace; never mask the original error
-            tmp.unlink()
     return path
 
 
