@@ -13,7 +13,8 @@ import pytest
 
 from harness.checks import run_check
 from harness.extract import extract
-from harness.spec import load_specs
+from harness.models import EMBEDDED
+from harness.spec import load_specs, resolve_model
 
 SPEC_FILE = Path(__file__).resolve().parents[1] / "specs" / "tiny_default.yaml"
 STRUCTURAL = {"sink_heads", "sink_score", "diagonal_dominance", "temporal_decay"}
@@ -30,7 +31,7 @@ def checks_of(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_structural_expectations_hold_on_the_trained_model_and_fail_on_random_weights(spec):
-    trained_name = spec.model.split(":-")[1].rstrip("}")
+    trained_name, _ = resolve_model(spec.model, embedded=EMBEDDED, root=SPEC_FILE.parent, environ={})  # the default
     trained = extract(trained_name, spec.probe, progress=False)
     random = extract("tiny-random", spec.probe, progress=False)
     structural = 0
