@@ -115,7 +115,7 @@ def _view(da: xr.DataArray, layer: int, step: int | None) -> xr.DataArray:
 
 
 def _grid_uri(da: xr.DataArray, **kwargs: Any) -> str:
-    return figures.png_data_uri(figures.head_grid(da, **kwargs), dpi=PNG_DPI)
+    return figures.png_data_uri(figures.head_grid(da, **kwargs), dpi=PNG_DPI, tight=False)  # fixed margins
 
 
 def _property_figures(ds: xr.Dataset, check: Mapping) -> list[dict]:
