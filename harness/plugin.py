@@ -246,8 +246,10 @@ class _SpecItem(pytest.Item):
         self.started = time.perf_counter()
 
     def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, (CheckFailed, HarnessError)):
+        if isinstance(excinfo.value, CheckFailed):
             return str(excinfo.value)
+        if isinstance(excinfo.value, HarnessError):  # the spec could not be run: point at it
+            return f"{self.spec.file}:{self.spec.line}: spec {self.spec.name!r}: {excinfo.value}"
         return super().repr_failure(excinfo, style=style)
 
     def base_record(self) -> dict:

@@ -217,3 +217,18 @@ def test_block_causal_spec_runs_against_a_training_checkpoint_file(project, pyte
     record = json.loads((pytester.path / "out" / "results.json").read_text())["specs"][0]
     assert record["provenance"]["checkpoint_layout"] == "training-checkpoint"
     assert record["provenance"]["mask"] == "block-causal"
+
+
+def test_a_layer_the_model_lacks_fails_pointing_at_the_spec(project):
+    project.write("""\
+specs:
+  - name: mini
+    model: tiny-random
+    probe: {sample_steps: 2}
+    layers:
+      40:
+        - row_stochastic
+""")
+    result = project.run()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["specs/mini.yaml:2: spec 'mini': layer(s) [[]40[]] out of range: this model has 4 layers (0-3)"])
