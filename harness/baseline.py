@@ -21,6 +21,7 @@ import xarray as xr
 from pytest_regressions.common import perform_regression_check
 
 from harness import store
+from harness.errors import HarnessError
 from harness.schema import DIMS
 from harness.spec import Tolerance
 
@@ -143,7 +144,13 @@ def check_baseline(
     obtained_path = obtained_file(path)
 
     def check_fn(obtained_file_: Path, expected_file: Path) -> None:
-        lines = compare(store.read_dataset(expected_file), store.read_dataset(obtained_file_), tolerances)
+        try:
+            expected = store.read_dataset(expected_file)
+        except HarnessError as err:
+            raise AssertionError(
+                f"baseline {path} cannot be read: {err}\nregenerate it from this run: {regen_command} --force-regen"
+            ) from None
+        lines = compare(expected, store.read_dataset(obtained_file_), tolerances)
         if lines:
             raise AssertionError("\n".join(
                 [f"baseline {path} differs from this run", *lines,

@@ -107,3 +107,14 @@ def test_check_baseline_failure_leaves_obtained_file_and_says_how_to_regenerate(
     assert "pytest 'specs/x.yaml::s::layer3::baseline' --force-regen" in message
     assert obtained_file(path).name == "layer3.obtained.nc"
     assert store.read_dataset(obtained_file(path))["logits"].equals(changed["logits"])
+
+
+def test_a_corrupt_baseline_fails_naming_the_file_and_how_to_regenerate(tmp_path, pytestconfig):
+    path = tmp_path / "layer3.nc"
+    path.write_text("not netcdf")
+    with pytest.raises(AssertionError) as info:
+        check_baseline(layer_slice(make_ds(), 3), path, DEFAULT_TOLERANCES, config=pytestconfig, item_name="baseline",
+                       regen_command="pytest 'specs/x.yaml::s::layer3::baseline'")
+    message = str(info.value)
+    assert message.startswith(f"baseline {path} cannot be read:") and "not a NetCDF4/HDF5 file" in message
+    assert "pytest 'specs/x.yaml::s::layer3::baseline' --force-regen" in message
