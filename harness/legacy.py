@@ -11,7 +11,6 @@ unpickling is refused with an explanation instead of executing its code.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -25,6 +24,7 @@ import xarray as xr
 
 import harness
 from harness.errors import HarnessError
+from harness.fingerprint import sha256_file
 from harness.metrics import default_query_frames
 from harness.schema import MASKS, build_dataset
 from harness.store import validate
@@ -213,9 +213,5 @@ def _detect_mask(logits: np.ndarray, block_size: int) -> str:
 
 
 def _sha256(path: Path) -> str:
-    """``sha256:<hex>`` of the file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+    """``sha256:<hex>`` of the file's bytes."""
+    return f"sha256:{sha256_file(path)}"

@@ -29,6 +29,7 @@ from filelock import FileLock
 from harness import layouts
 from harness.atomic import write_atomic
 from harness.errors import HarnessError
+from harness.fingerprint import sha256_file
 from harness.prompts import (
     ORIGINAL_T5_GLOB,
     ORIGINAL_TOKENIZER,
@@ -131,14 +132,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "attn-harness").expanduser()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, computed once per (resolved path, size, mtime) and cached on disk.
 
@@ -152,7 +145,7 @@ def file_sha256(path: Path) -> str:
     known = _read_fingerprints(store)
     if key in known:
         return known[key]
-    digest = _sha256_file(resolved)
+    digest = sha256_file(resolved)
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(store) + ".lock"):
