@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import diffusers
 import numpy as np
@@ -218,19 +218,34 @@ def extract(
             recorder.active = False
             latents = scheduler.step(velocity.float(), timestep, latents, return_dict=False)[0]
 
-    variables = {
-        metric: np.stack(
-            [np.stack([recorder.records[(s, layer)][metric][0].numpy() for layer in layers]) for s in capture_steps]
-        )
-        for metric in recorder.metrics
-    }
-    attrs = run_attrs(loaded, probe, geo, device, text)
-    ds = build_dataset(
-        variables,
+    batch0 = {key: {metric: value[0] for metric, value in stats.items()} for key, stats in recorder.records.items()}
+    return records_to_dataset(
+        batch0,
+        metrics=recorder.metrics,
         steps=capture_steps,
         timesteps=[float(timesteps[s]) for s in capture_steps],
         layers=layers,
-        attrs=attrs,
+        attrs=run_attrs(loaded, probe, geo, device, text),
     )
-    ds.attrs["query_frames"] = default_query_frames(ds)  # the seed's "last block", for the record
+
+
+def records_to_dataset(
+    records: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
+    *,
+    metrics: Sequence[str],
+    steps: Sequence[int],
+    timesteps: Sequence[float],
+    layers: Sequence[int],
+    attrs: dict,
+) -> xr.Dataset:
+    """Captured ``(step, layer) -> {metric: [head, query_frame, key_frame]}`` as the contract's Dataset.
+
+    The default query frames (the seed's "last block") are recorded in the attrs.
+    """
+    variables = {
+        metric: np.stack([np.stack([records[(s, layer)][metric].numpy() for layer in layers]) for s in steps])
+        for metric in metrics
+    }
+    ds = build_dataset(variables, steps=steps, timesteps=timesteps, layers=layers, attrs=attrs)
+    ds.attrs["query_frames"] = default_query_frames(ds)
     return ds

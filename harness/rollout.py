@@ -29,7 +29,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import xarray as xr
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -38,11 +37,20 @@ from tqdm.auto import tqdm
 
 from harness.capture import apply_rotary, frame_stats, self_attention_modules
 from harness.errors import HarnessError
-from harness.extract import DTYPES, make_scheduler, probe_geometry, conditioning, resolve_device, resolve_layers, resolve_steps, run_attrs
-from harness.metrics import default_query_frames
+from harness.extract import (
+    DTYPES,
+    conditioning,
+    make_scheduler,
+    probe_geometry,
+    records_to_dataset,
+    resolve_device,
+    resolve_layers,
+    resolve_steps,
+    run_attrs,
+)
 from harness.models import LoadedModel
 from harness.probe import Probe
-from harness.schema import METRICS, build_dataset
+from harness.schema import METRICS
 
 CONTEXT_TIMESTEP = 0.0  # clean blocks are re-encoded noise-free, as Self-Forcing / CausVid do
 
@@ -241,23 +249,17 @@ def extract_rollout(loaded: LoadedModel, probe: Probe, *, progress: bool | None 
         uncond=text.negative.to(device=device, dtype=dtype) if text.negative is not None else None,
         progress=sys.stderr.isatty() if progress is None else progress,
     )
-    variables = {
-        metric: np.stack([np.stack([result.records[(s, layer)][metric].numpy() for layer in layers]) for s in capture_steps])
-        for metric in METRICS
-        if metric in probe.metrics
-    }
     attrs = run_attrs(loaded, probe, geo, device, text) | {
         "rollout_steps_per_block": probe.sample_steps,
         "rollout_context": f"KV cache of the clean earlier blocks, re-encoded at timestep {CONTEXT_TIMESTEP:g}",
         "step_semantics": "step s = the s-th denoising step of every block; block b's rows hold its queries at its "
         "step s over the cached clean blocks < b and its own keys",
     }
-    ds = build_dataset(
-        variables,
+    return records_to_dataset(
+        result.records,
+        metrics=[metric for metric in METRICS if metric in probe.metrics],
         steps=capture_steps,
         timesteps=[float(result.timesteps[s]) for s in capture_steps],
         layers=layers,
         attrs=attrs,
     )
-    ds.attrs["query_frames"] = default_query_frames(ds)  # the last block, as in extract
-    return ds
