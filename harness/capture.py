@@ -18,7 +18,7 @@ mask row, so the model computes what a block-causal checkpoint computes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -248,17 +248,32 @@ def capture(
     With ``recorder.mask`` set, every block gets a masking processor (capturing only on
     ``layers``), so the whole model runs block-causal.
     """
-    modules = self_attention_modules(model)
-    bad = [layer for layer in layers if not 0 <= layer < len(modules)]
+    count = len(self_attention_modules(model))
+    bad = [layer for layer in layers if not 0 <= layer < count]
     if bad:
-        raise HarnessError(f"layer(s) {bad} out of range: this model has {len(modules)} layers (0-{len(modules) - 1})")
-    originals = [module.processor for module in modules]
+        raise HarnessError(f"layer(s) {bad} out of range: this model has {count} layers (0-{count - 1})")
     chosen = set(layers)
+
+    def processor(index: int) -> CaptureProcessor | None:
+        if index in chosen or recorder.mask is not None:
+            return CaptureProcessor(index, recorder, capture=index in chosen)
+        return None
+
+    with processors_installed(model, processor):
+        yield recorder
+
+
+@contextmanager
+def processors_installed(model: WanTransformer3DModel, make: Callable[[int], object | None]) -> Iterator[None]:
+    """Give block i's ``attn1`` the processor ``make(i)`` (None keeps the stock one); restore all on exit."""
+    modules = self_attention_modules(model)
+    originals = [module.processor for module in modules]
     try:
         for index, module in enumerate(modules):
-            if index in chosen or recorder.mask is not None:
-                module.set_processor(CaptureProcessor(index, recorder, capture=index in chosen))
-        yield recorder
+            replacement = make(index)
+            if replacement is not None:
+                module.set_processor(replacement)
+        yield
     finally:
         for module, original in zip(modules, originals):
             module.set_processor(original)

@@ -35,7 +35,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, _get_qkv_projections
 from tqdm.auto import tqdm
 
-from harness.capture import apply_rotary, frame_stats, self_attention_modules
+from harness import frames
+from harness.capture import apply_rotary, frame_stats, processors_installed
 from harness.errors import HarnessError
 from harness.extract import (
     DTYPES,
@@ -53,11 +54,6 @@ from harness.probe import Probe
 from harness.schema import METRICS
 
 CONTEXT_TIMESTEP = 0.0  # clean blocks are re-encoded noise-free, as Self-Forcing / CausVid do
-
-
-def blocks_of(latent_frames: int, block_size: int) -> list[range]:
-    """Consecutive blocks of ``block_size`` latent frames (the last may be shorter)."""
-    return [range(start, min(start + block_size, latent_frames)) for start in range(0, latent_frames, block_size)]
 
 
 @dataclass
@@ -141,15 +137,9 @@ class RolloutProcessor:
 @contextmanager
 def rollout_processors(model: WanTransformer3DModel, layers: Sequence[int], state: RolloutState) -> Iterator[RolloutState]:
     """Every block's ``attn1`` gets a ``RolloutProcessor`` (capturing on ``layers``); restored on exit."""
-    modules = self_attention_modules(model)
-    originals = [module.processor for module in modules]
-    try:
-        for index, module in enumerate(modules):
-            module.set_processor(RolloutProcessor(index, state, capture=index in set(layers)))
+    chosen = set(layers)
+    with processors_installed(model, lambda index: RolloutProcessor(index, state, capture=index in chosen)):
         yield state
-    finally:
-        for module, original in zip(modules, originals):
-            module.set_processor(original)
 
 
 @dataclass
@@ -189,7 +179,7 @@ def run_rollout(
     branches = {"cond": cond} | ({"uncond": uncond} if uncond is not None else {})
     latents = noise.clone()
     block_inputs: dict[tuple[int, int], torch.Tensor] = {}
-    blocks = blocks_of(latent_frames, probe.block_size)
+    blocks = frames.blocks(latent_frames, probe.block_size)
 
     def forward(x: torch.Tensor, t: torch.Tensor, branch: str) -> torch.Tensor:
         state.branch = branch

@@ -13,7 +13,8 @@ from harness.errors import HarnessError
 from harness.extract import extract
 from harness.models import load_model
 from harness.probe import Probe
-from harness.rollout import blocks_of, run_rollout
+from harness.frames import blocks
+from harness.rollout import run_rollout
 
 TOLERANCE = 2e-5  # float32 forward of a 4-layer model; the two routes batch the time embedding differently
 
@@ -34,8 +35,8 @@ def _probe(**changes) -> Probe:
 
 
 def test_blocks_cover_the_clip_in_order_with_a_shorter_last_block():
-    assert blocks_of(7, 3) == [range(0, 3), range(3, 6), range(6, 7)]
-    assert blocks_of(21, 3)[-1] == range(18, 21)
+    assert blocks(7, 3) == [range(0, 3), range(3, 6), range(6, 7)]
+    assert blocks(21, 3)[-1] == range(18, 21)
 
 
 def test_rollout_with_one_block_equals_the_bidirectional_pass_bitwise(tiny):
