@@ -22,6 +22,7 @@ import xarray as xr
 
 from harness import metrics
 from harness.errors import HarnessError
+from harness.frames import hidden_cells
 from harness.schema import DIMS
 
 REQUIRED = object()  # marks a parameter without a default
@@ -168,15 +169,6 @@ def _register(prop: Property) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _hidden(da: xr.DataArray, mask: str, block_size: int) -> xr.DataArray:
-    """True where a block-causal mask hides key frame b from query frame a (b's block after a's)."""
-    query = da["query_frame"]
-    key = da["key_frame"]
-    if mask != "block-causal":
-        return xr.zeros_like(query * key, dtype=bool)
-    return (key // block_size) > (query // block_size)
-
-
 def _mask_of(da: xr.DataArray) -> tuple[str, int]:
     return str(da.attrs.get("mask", "bidirectional")), int(da.attrs.get("block_size", 3) or 3)
 
@@ -220,7 +212,7 @@ def _range_text(da: xr.DataArray) -> str:
 
 def _visible_only(da: xr.DataArray) -> xr.DataArray:
     """NaN on cells the extraction's mask hides (masked mass is 0, which is not a value to average)."""
-    return da.where(~_hidden(da, *_mask_of(da)))
+    return da.where(~hidden_cells(da, *_mask_of(da)))
 
 
 def _query_frames(da: xr.DataArray, params: dict) -> list[int]:
@@ -233,7 +225,7 @@ def _query_frames(da: xr.DataArray, params: dict) -> list[int]:
 
 def value_range(da: xr.DataArray, params: dict) -> Evaluation:
     mask, block_size = _mask_of(da)
-    visible = ~_hidden(da, mask, block_size)
+    visible = ~hidden_cells(da, mask, block_size)
     lo, hi, finite = params["min"], params["max"], params["finite"]
     values = da.where(visible)
     cells = visible.broadcast_like(da)
@@ -300,7 +292,7 @@ def diagonal_dominance(da: xr.DataArray, params: dict) -> Evaluation:
         da = da.sel(query_frame=list(params["query_frames"]))
     same = da["query_frame"] == da["key_frame"]
     diag = da.where(same).max("key_frame", skipna=True)
-    others = da.where(~same & ~_hidden(da, mask, block_size))
+    others = da.where(~same & ~hidden_cells(da, mask, block_size))
     has_other = others.notnull().any("key_frame")
     if params["against"] == "mean":
         competitor = others.mean("key_frame", skipna=True)
@@ -349,7 +341,7 @@ def row_stochastic(da: xr.DataArray, params: dict) -> Evaluation:
 
 def causal(da: xr.DataArray, params: dict) -> Evaluation:
     block_size = params["block_size"] or _mask_of(da)[1]
-    hidden = _hidden(da, "block-causal", block_size).broadcast_like(da)
+    hidden = hidden_cells(da, "block-causal", block_size).broadcast_like(da)
     if not bool(hidden.any()):
         raise HarnessError(
             f"causal: block_size {block_size} puts all {da.sizes['key_frame']} frames in one block, so nothing "

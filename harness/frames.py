@@ -127,6 +127,18 @@ def block_causal_mask(num_latent_frames: int, block_size: int) -> np.ndarray:
     return block_of[np.newaxis, :] <= block_of[:, np.newaxis]
 
 
+def hidden_cells(data: xr.DataArray | xr.Dataset, mask: str, block_size: int) -> xr.DataArray:
+    """True where ``mask`` hides key frame b from query frame a, on ``data``'s frame coordinates.
+
+    Block-causal: b's block comes after a's (``b // block_size > a // block_size``, by frame
+    value, so a subset of frames works); bidirectional: nothing is hidden.
+    """
+    query, key = data["query_frame"], data["key_frame"]
+    if mask != "block-causal":
+        return xr.zeros_like(query * key, dtype=bool)
+    return (key // block_size) > (query // block_size)
+
+
 def _frame_dims(da: xr.DataArray, caller: str) -> list[str]:
     dims = [dim for dim in FRAME_DIMS if dim in da.dims]
     if not dims:

@@ -25,6 +25,7 @@ import xarray as xr
 import harness
 from harness.errors import HarnessError
 from harness.fingerprint import sha256_file
+from harness.frames import block_causal_mask
 from harness.metrics import default_query_frames
 from harness.schema import MASKS, build_dataset
 from harness.store import validate
@@ -75,7 +76,7 @@ def import_legacy(path: str | os.PathLike, mask: str = "auto") -> xr.Dataset:
     if mask == "auto":
         mask = _detect_mask(logits, block_size)
     if mask == "block-causal":
-        logits[:, _hidden(num_latent, block_size)] = np.nan
+        logits[:, ~block_causal_mask(num_latent, block_size)] = np.nan
     stride = DEFAULT_TEMPORAL_STRIDE if data.get("vae_stride_t") is None else _integer(data, "vae_stride_t", path)
     attrs = {
         "source": "legacy-import",
@@ -197,18 +198,12 @@ def _block_size(value: Any, path: Path) -> int:
     return sizes[0]
 
 
-def _hidden(num_frames: int, block_size: int) -> np.ndarray:
-    """[T, T] bool: query a may not see key b under the block-causal mask (b's block after a's)."""
-    block = np.arange(num_frames) // block_size
-    return block[np.newaxis, :] > block[:, np.newaxis]
-
-
 def _detect_mask(logits: np.ndarray, block_size: int) -> str:
     """block-causal iff there is more than one block and everything above the block diagonal is 0."""
     num_frames = logits.shape[-1]
     if num_frames <= block_size:
         return "bidirectional"
-    above = logits[:, _hidden(num_frames, block_size)]
+    above = logits[:, ~block_causal_mask(num_frames, block_size)]
     return "block-causal" if np.all(above == 0) else "bidirectional"
 
 

@@ -17,6 +17,7 @@ import xarray as xr
 
 from harness.atomic import atomic_path
 from harness.errors import HarnessError
+from harness.frames import hidden_cells
 from harness.schema import DIMS, MASKS, REQUIRED_ATTRS, json_safe_attr
 
 ENGINE = "h5netcdf"
@@ -220,15 +221,7 @@ def _attr_problems(ds: xr.Dataset, problems: list[str]) -> tuple[str | None, int
 
 def _masked_cells(ds: xr.Dataset, mask: str, block_size: int) -> xr.DataArray:
     """True where the mask hides key frame b from query frame a (block-causal: b's block > a's)."""
-    query = ds["query_frame"].values
-    key = ds["key_frame"].values
-    if mask == "block-causal":
-        hidden = (key[np.newaxis, :] // block_size) > (query[:, np.newaxis] // block_size)
-    else:
-        hidden = np.zeros((query.size, key.size), dtype=bool)
-    return xr.DataArray(
-        hidden, dims=("query_frame", "key_frame"), coords={"query_frame": query, "key_frame": key}
-    )
+    return hidden_cells(ds, mask, block_size).transpose("query_frame", "key_frame")
 
 
 def _logits_value_problems(

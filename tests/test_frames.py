@@ -316,3 +316,15 @@ def test_invalid_input_raises_a_value_error_saying_what_is_valid(call, phrases):
         call()
     assert isinstance(info.value, HarnessError)
     assert all(phrase in str(info.value) for phrase in phrases), str(info.value)
+
+
+@given(st.integers(min_value=1, max_value=30), st.integers(min_value=1, max_value=35), st.integers(min_value=0, max_value=5))
+def test_hidden_cells_are_the_complement_of_the_mask_by_frame_value(num_latent, block_size, first):
+    """On a subset of frames starting at ``first``, hidden cells follow the frame values, not positions."""
+    values = np.arange(first, first + num_latent)
+    da = xr.DataArray(np.zeros((num_latent, num_latent)), dims=("query_frame", "key_frame"),
+                      coords={"query_frame": values, "key_frame": values})
+    whole = ~frames.block_causal_mask(first + num_latent, block_size)[first:, first:]
+    hidden = frames.hidden_cells(da, "block-causal", block_size).transpose("query_frame", "key_frame")
+    assert np.array_equal(hidden.values, whole)
+    assert not frames.hidden_cells(da, "bidirectional", block_size).any()
