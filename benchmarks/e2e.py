@@ -15,8 +15,8 @@ SPEC_SUFFIXES = (".yaml", ".yml")
 
 
 def _plugin_args() -> list[str]:
-    registered = any(ep.value.startswith("harness.plugin") for ep in entry_points(group="pytest11"))
-    return [] if registered else ["-p", "harness.plugin"]
+    registered = any(ep.value.startswith("attn_harness.pytest.plugin") for ep in entry_points(group="pytest11"))
+    return [] if registered else ["-p", "attn_harness.pytest.plugin"]
 
 
 def _pytest(specs: Path, cache: Path) -> float:

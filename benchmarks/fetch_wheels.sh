@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 DIFFUSERS=$("$PY" -c "import diffusers; print(diffusers.__version__)")
-ACCELERATE=$("$PY" -c "import accelerate; print(accelerate.__version__)")  # harness.models imports it
+ACCELERATE=$("$PY" -c "import accelerate; print(accelerate.__version__)")  # attn_harness.model.models imports it
 DEST=${DEST:-.whl}
 PY_VERSION=${PY_VERSION:-3.12}
 mkdir -p "$DEST"

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.shapes import Shape, build_model, model_inputs
 from benchmarks.timing import interleaved, timing_records
-from harness.capture import Recorder, capture
+from attn_harness.model.capture import Recorder, capture
 
 VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "logits/one-layer": (("logits",), "one"),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from benchmarks.seed_method import HEAD_DIM, HEADS, make_qk
 from benchmarks.timing import interleaved, summary, timing_records
-from harness.capture import frame_stats
+from attn_harness.model.capture import frame_stats
 
 
 def fitted_exponent(tokens: list[int], seconds: list[float]) -> float:

@@ -37,7 +37,7 @@ def method_call(method: str, q: torch.Tensor, k: torch.Tensor, tokens_per_frame:
     if method == "naive":
         return lambda: naive_frame_logits(q, k, tokens_per_frame)
     # Imported here so a memory probe of the naive method does not pay for importing diffusers.
-    from harness.capture import frame_stats
+    from attn_harness.model.capture import frame_stats
 
     metrics = ("logits",) if method == "logits" else ("logits", "mass")
     return lambda: frame_stats(q, k, tokens_per_frame, metrics=metrics)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import WanTransformer3DModel
 
-from harness.models import TINY_CONFIG, TINY_TEXT_TOKENS, build_tiny_random, cast_model
+from attn_harness.model.models import TINY_CONFIG, TINY_TEXT_TOKENS, build_tiny_random, cast_model
 
 WAN_1_3B_CONFIG: dict = {
     **TINY_CONFIG,

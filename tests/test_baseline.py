@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import store
-from harness.baseline import check_baseline, compare, layer_slice, obtained_file
-from harness.schema import REQUIRED_ATTRS, build_dataset
-from harness.spec import DEFAULT_TOLERANCES, Tolerance
+from attn_harness.core import store
+from attn_harness.pytest.baseline import check_baseline, compare, layer_slice, obtained_file
+from attn_harness.core.schema import REQUIRED_ATTRS, build_dataset
+from attn_harness.core.spec import DEFAULT_TOLERANCES, Tolerance
 
 
 def make_ds(seed: int = 0, **attrs):

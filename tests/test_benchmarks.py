@@ -17,7 +17,7 @@ from benchmarks.overhead import VARIANTS
 from benchmarks.scaling import fitted_exponent
 from benchmarks.seed_method import make_qk, naive_bytes, naive_frame_logits, peak_extra_bytes
 from benchmarks.timing import timing_records
-from harness.capture import frame_stats
+from attn_harness.model.capture import frame_stats
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.report.html import render_compare, render_run_report
+from attn_harness.report.html import render_compare, render_run_report
 from tests.test_figures import planted_dataset
 from tests.test_report_html import results_record
 

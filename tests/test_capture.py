@@ -17,10 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.capture import Recorder, capture, frame_stats
-from harness.errors import HarnessError
-from harness.frames import block_causal_mask
-from harness.models import build_tiny_random
+from attn_harness.model.capture import Recorder, capture, frame_stats
+from attn_harness.core.errors import HarnessError
+from attn_harness.core.frames import block_causal_mask
+from attn_harness.model.models import build_tiny_random
 from tests.oracle import brute_force_stats, reference_qk
 
 MASS_ATOL = 1e-5
@@ -129,7 +129,7 @@ def test_memory_stays_linear_in_tokens():
     script = textwrap.dedent(
         """
         import resource, torch
-        from harness.capture import frame_stats
+        from attn_harness.model.capture import frame_stats
         torch.set_num_threads(1)
         q = torch.randn(1, 16384, 1, 16); k = torch.randn(1, 16384, 1, 16)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -1,6 +1,6 @@
 """Each property passes on data where it holds and fails, naming the location, where it does not.
 
-Data is synthetic (harness.schema.build_dataset), shaped like a tiny extraction: 6 latent
+Data is synthetic (attn_harness.core.schema.build_dataset), shaped like a tiny extraction: 6 latent
 frames, block size 3, 4 heads. Statistics are compared with float64 loops written here.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import checks
-from harness.errors import HarnessError
-from harness.schema import build_dataset
+from attn_harness.core import checks
+from attn_harness.core.errors import HarnessError
+from attn_harness.core.schema import build_dataset
 
 FRAMES = 6
 HEADS = 4

@@ -11,9 +11,9 @@ import pytest
 import torch
 import xarray as xr
 
-from harness.cli import main, parse_int_list
-from harness.errors import HarnessError
-from harness.store import read_dataset
+from attn_harness.cli import main, parse_int_list
+from attn_harness.core.errors import HarnessError
+from attn_harness.core.store import read_dataset
 
 
 @pytest.fixture(scope="module")

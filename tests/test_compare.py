@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from tests.test_figures import planted_dataset
 
-from harness.errors import HarnessError
-from harness.report import compare
-from harness.report.html import render_compare
+from attn_harness.core.errors import HarnessError
+from attn_harness.report import compare
+from attn_harness.report.html import render_compare
 
 TOL = 1e-5
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from harness import schema
-from harness.errors import HarnessError
-from harness.extract import extract, resolve_steps
-from harness.models import load_model
-from harness.probe import Probe
-from harness.store import validate
+from attn_harness.core import schema
+from attn_harness.core.errors import HarnessError
+from attn_harness.sampling.extract import extract, resolve_steps
+from attn_harness.model.models import load_model
+from attn_harness.core.probe import Probe
+from attn_harness.core.store import validate
 from tests.oracle import brute_force_stats, reference_qk
 
 QUICK = Probe(sample_steps=4)

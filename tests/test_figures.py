@@ -1,7 +1,7 @@
 """The seed's figures, generalised: shapes, scales, frame units, highlights and files on disk.
 
 Statistics drawn in figures are checked against brute-force float64 NumPy oracles written
-here from DESIGN.md section 3 (not against harness.metrics, which the figures call).
+here from DESIGN.md section 3 (not against attn_harness.core.metrics, which the figures call).
 Tolerance 1e-5 absolute: the data is float32 and the oracle reads the same float32 values.
 """
 
@@ -16,10 +16,10 @@ import pytest
 import xarray as xr
 from PIL import Image
 
-from harness.errors import HarnessError
-from harness.frames import block_causal_mask
-from harness.report import figures
-from harness.schema import REQUIRED_ATTRS, build_dataset
+from attn_harness.core.errors import HarnessError
+from attn_harness.core.frames import block_causal_mask
+from attn_harness.report import figures
+from attn_harness.core.schema import REQUIRED_ATTRS, build_dataset
 
 TOL = 1e-5
 
@@ -183,7 +183,7 @@ def test_head_bars_plot_the_query_profile_with_the_sink_score_in_each_title():
 
 
 def test_stats_table_lists_every_head_with_the_seed_statistics():
-    from harness.metrics import layer_summary
+    from attn_harness.core.metrics import layer_summary
 
     view = planted_dataset(steps=1, layers=1).logits.isel(step=0, layer=0)
     table = figures.stats_table(layer_summary(view, [6, 7, 8]))

@@ -15,8 +15,8 @@ import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import frames
-from harness.errors import HarnessError
+from attn_harness.core import frames
+from attn_harness.core.errors import HarnessError
 
 STRIDES = st.integers(min_value=1, max_value=8)
 

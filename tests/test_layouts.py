@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness import layouts
-from harness.errors import HarnessError
-from harness.models import TINY_CONFIG, build_tiny_random, load_model
+from attn_harness.model import layouts
+from attn_harness.core.errors import HarnessError
+from attn_harness.model.models import TINY_CONFIG, build_tiny_random, load_model
 
 # diffusers name -> original Wan name, applied in order (the inverse of diffusers' rename table).
 _TO_ORIGINAL = (

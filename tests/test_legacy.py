@@ -12,10 +12,10 @@ import pytest
 import torch
 import xarray as xr
 
-import harness
-from harness.errors import HarnessError
-from harness.legacy import import_legacy
-from harness.store import read_dataset, validate, write_dataset
+import attn_harness
+from attn_harness.core.errors import HarnessError
+from attn_harness.model.legacy import import_legacy
+from attn_harness.core.store import read_dataset, validate, write_dataset
 
 HEADS = 12
 FRAMES = 21  # 81 pixel frames -> 21 latent frames
@@ -86,7 +86,7 @@ def test_import_records_what_the_file_knows_and_marks_the_rest_unknown(tmp_path:
     assert (attrs["latent_frames"], attrs["num_frames"], attrs["temporal_stride"]) == (21, 81, 4)
     assert (attrs["tokens_per_frame"], attrs["block_size"], attrs["dtype"]) == (1560, 3, "float16")
     assert attrs["legacy_query_frames"] == [18, 19, 20] and attrs["query_frames"] == [18, 19, 20]
-    assert attrs["harness_version"] == harness.__version__
+    assert attrs["harness_version"] == attn_harness.__version__
     assert attrs["seed"] == attrs["model_id"] == attrs["torch_version"] == "unknown"
 
 

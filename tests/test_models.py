@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from harness.cli import main
-from harness.errors import HarnessError
-from harness.extract import extract
-from harness.models import (
+from attn_harness.cli import main
+from attn_harness.core.errors import HarnessError
+from attn_harness.sampling.extract import extract
+from attn_harness.model.models import (
     FINGERPRINTS_FILE,
     TINY_TEXT_TOKENS,
     build_tiny_random,
@@ -23,9 +23,9 @@ from harness.models import (
     load_model,
     model_fingerprint,
 )
-from harness.probe import Probe
-from harness.prompts import save_prompt_embeds
-from harness.store import read_dataset
+from attn_harness.core.probe import Probe
+from attn_harness.model.prompts import save_prompt_embeds
+from attn_harness.core.store import read_dataset
 from tests.test_layouts import to_original, write_original_dir
 
 PROBE = Probe(num_frames=21, height=32, width=32, sample_steps=2, capture_steps=("last",), device="cpu", mask="block-causal")

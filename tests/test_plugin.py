@@ -10,12 +10,12 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 
-from harness import store
+from attn_harness.core import store
 
 pytest_plugins = ["pytester"]
 
 # Once installed with its pytest11 entry point the plugin loads by itself; before that, ask for it.
-PLUGIN_ARGS = [] if any(ep.name == "attn_harness" for ep in entry_points(group="pytest11")) else ["-p", "harness.plugin"]
+PLUGIN_ARGS = [] if any(ep.name == "attn_harness" for ep in entry_points(group="pytest11")) else ["-p", "attn_harness.pytest.plugin"]
 
 SPEC = """\
 specs:
@@ -201,7 +201,7 @@ specs:
 
 def test_block_causal_spec_runs_against_a_training_checkpoint_file(project, pytester):
     """An autoregressive trainer's .pt (generator_ema, model. prefix, original keys) as a spec's model."""
-    from harness.models import build_tiny_random
+    from attn_harness.model.models import build_tiny_random
     from tests.test_layouts import to_original
 
     state = {k: v.detach().clone() for k, v in build_tiny_random().state_dict().items()}

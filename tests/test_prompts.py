@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness.errors import HarnessError
-from harness.extract import extract
-from harness.models import TINY_CONFIG, TINY_TEXT_TOKENS, build_tiny_random, hash_prompt_embedding, load_model
-from harness.probe import Probe
-from harness.prompts import (
+from attn_harness.core.errors import HarnessError
+from attn_harness.sampling.extract import extract
+from attn_harness.model.models import TINY_CONFIG, TINY_TEXT_TOKENS, build_tiny_random, hash_prompt_embedding, load_model
+from attn_harness.core.probe import Probe
+from attn_harness.model.prompts import (
     EMBEDS_KEY,
     NEGATIVE_KEY,
     embedding_fingerprint,
@@ -187,7 +187,7 @@ def test_original_umt5_pth_is_named_in_the_error_with_what_to_do_instead(tmp_pat
 # --- the original release's umT5 weights (Wan's own T5 names) + google/umt5-xxl tokenizer ---------
 
 ORIGINAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
-# transformers UMT5EncoderModel name (full match) -> Wan T5Encoder name: the inverse of harness.umt5's table.
+# transformers UMT5EncoderModel name (full match) -> Wan T5Encoder name: the inverse of attn_harness.model.umt5's table.
 _TO_WAN = (
     (r"shared\.weight", "token_embedding.weight"),
     (r"encoder\.final_layer_norm\.weight", "norm.weight"),
@@ -242,7 +242,7 @@ def _reference_embedding(encoder, prompt: str, text_tokens: int) -> torch.Tensor
 
 def test_wan_t5_key_inverse_round_trips_through_the_conversion(tmp_path):
     pytest.importorskip("transformers")
-    from harness.umt5 import to_transformers_keys
+    from attn_harness.model.umt5 import to_transformers_keys
 
     encoder = bf16_umt5(0)
     converted = to_transformers_keys(to_wan_t5(encoder), tmp_path / ORIGINAL_T5)

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from tests.test_figures import planted_dataset
 
-from harness.errors import HarnessError
-from harness.report.html import STATUSES, render_run_report
-from harness.store import write_dataset
+from attn_harness.core.errors import HarnessError
+from attn_harness.report.html import STATUSES, render_run_report
+from attn_harness.core.store import write_dataset
 
 URL_ATTRS = ("src", "href", "xlink:href", "action", "poster", "data")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.spec import DEFAULT_TOLERANCES, SpecError, load_specs, parse_layers, resolve_model
+from attn_harness.core.spec import DEFAULT_TOLERANCES, SpecError, load_specs, parse_layers, resolve_model
 
 GOOD = """\
 specs:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from harness import store
-from harness.errors import HarnessError
-from harness.schema import DIMS, REQUIRED_ATTRS, build_dataset, decode_attr
-from harness.store import dataset_summary, read_dataset, validate, write_dataset
+from attn_harness.core import store
+from attn_harness.core.errors import HarnessError
+from attn_harness.core.schema import DIMS, REQUIRED_ATTRS, build_dataset, decode_attr
+from attn_harness.core.store import dataset_summary, read_dataset, validate, write_dataset
 
 LAYERS = (3, 7)  # coordinate values differ from positions, so messages must use the values
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from harness.errors import HarnessError
-from harness.fixtures import measure, train_tiny, videos
+from attn_harness.core.errors import HarnessError
+from attn_harness.fixtures import measure, train_tiny, videos
 
 FIXTURES = Path(train_tiny.__file__).parent
 TRAINED = FIXTURES / "tiny_trained"
@@ -105,7 +105,7 @@ def test_every_class_prompt_maps_back_to_its_class_embedding():
 
 
 def test_unknown_prompts_get_the_same_hashed_embedding_as_tiny_random():
-    from harness.models import hash_prompt_embedding
+    from attn_harness.model.models import hash_prompt_embedding
 
     for prompt in ("", "a cat"):
         expected = hash_prompt_embedding(prompt, videos.TEXT_TOKENS, videos.TEXT_DIM)

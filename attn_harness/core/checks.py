@@ -1,0 +1,616 @@
+"""Property library: what a layer's frame x frame attention must look like.
+
+Each property is a function from a selection of one extraction (a DataArray with dims
+``step, layer, head, query_frame, key_frame``) and its parameters to an ``Evaluation``:
+how many units (cells, rows or heads) were checked and which of them violate the property,
+each named by its coordinates. ``run_check`` adds what every property shares: the
+``metric`` (``logits`` or ``mass``), ``heads`` and ``steps`` selections, ``mostly`` (the
+share of units that must pass) and ``severity`` (``fail`` or ``warn``).
+
+Parameters are declared as data (``Param``), so the spec loader validates them before any
+model runs and the docs can list them. Formulas are in each property's ``formula``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from attn_harness.core import metrics
+from attn_harness.core.errors import HarnessError
+from attn_harness.core.frames import hidden_cells
+from attn_harness.core.schema import DIMS
+
+REQUIRED = object()  # marks a parameter without a default
+MAX_LISTED = 10  # violations spelled out in a failure message (all are in ``violations``)
+MAX_RECORDED = 200  # violations kept in a result (the JSON record stays small)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: its kind (how values are validated), default and meaning."""
+
+    kind: str  # number | int | bool | choice | frames | heads | steps | int_list
+    default: Any = REQUIRED
+    doc: str = ""
+    choices: tuple[str, ...] = ()
+
+    def coerce(self, value: Any) -> Any:
+        """Return the value in canonical form, or raise ``ValueError`` saying what was expected."""
+        if value is None and self.default is None:
+            return None
+        kind = self.kind
+        if kind == "number" and _is_number(value):
+            return float(value)
+        if kind == "int" and _is_int(value):
+            return int(value)
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "choice" and value in self.choices:
+            return value
+        if kind in ("frames", "int_list") and _is_int_list(value):
+            return tuple(int(v) for v in value)
+        if kind == "heads" and (value == "all" or _is_int_list(value)):
+            return value if value == "all" else tuple(int(v) for v in value)
+        if kind == "steps" and (
+            value == "all" or (isinstance(value, (list, tuple)) and value and all(_is_int(v) or v in ("first", "last") for v in value))
+        ):
+            return value if value == "all" else tuple(value)
+        raise ValueError(f"expected {self.describe()}; got {value!r}")
+
+    def describe(self) -> str:
+        return {
+            "number": "a number",
+            "int": "an integer",
+            "bool": "true or false",
+            "choice": "one of " + ", ".join(self.choices),
+            "frames": "a list of latent frame indices",
+            "int_list": "a list of integers",
+            "heads": "'all' or a list of head indices",
+            "steps": "'all' or a list of step indices (first and last allowed)",
+        }[self.kind] + (" or null" if self.default is None else "")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(v) for v in value)
+
+
+COMMON_PARAMS: dict[str, Param] = {
+    "metric": Param("choice", None, "variable to check (default per property)", ("logits", "mass")),
+    "heads": Param("heads", "all", "heads to check"),
+    "steps": Param("steps", "all", "denoising steps to check (step coordinate values)"),
+    "mostly": Param("number", 1.0, "share of units (cells, rows or heads) that must pass, in (0, 1]"),
+    "severity": Param("choice", "fail", "a failing warn-check passes with a warning", ("fail", "warn")),
+}
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One failing unit, named by its coordinates, with what was seen and what was required."""
+
+    location: dict[str, int]
+    observed: float
+    expected: str
+    note: str = ""
+
+    def describe(self) -> str:
+        where = " ".join(f"{k}={v}" for k, v in self.location.items())
+        note = f" ({self.note})" if self.note else ""
+        return f"{where}: {self.observed:.6g}{note}, expected {self.expected}"
+
+    def as_record(self) -> dict:
+        observed = self.observed if np.isfinite(self.observed) else str(self.observed)
+        return {"location": dict(self.location), "observed": observed, "expected": self.expected}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What a property function returns: units checked, failing units and their violations."""
+
+    unit: str  # what one unit is, plural: "cells", "rows", "heads"
+    units: int
+    failing: int
+    violations: list[Violation]
+    observed: str
+    expected: str
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one property on one selection, ready for pytest and the results JSON."""
+
+    property: str
+    status: str  # pass | warn | fail
+    severity: str
+    metric: str
+    observed: str
+    expected: str
+    message: str
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.status != "fail"
+
+
+PropertyFn = Callable[[xr.DataArray, dict], Evaluation]
+
+
+@dataclass(frozen=True)
+class Property:
+    name: str
+    formula: str
+    params: dict[str, Param]
+    fn: PropertyFn
+    default_metric: str = "logits"
+    metrics: tuple[str, ...] = ("logits", "mass")
+    requires_one_of: tuple[str, ...] = ()
+
+
+PROPERTIES: dict[str, Property] = {}
+
+
+def _register(prop: Property) -> None:
+    PROPERTIES[prop.name] = prop
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _mask_of(da: xr.DataArray) -> tuple[str, int]:
+    return str(da.attrs.get("mask", "bidirectional")), int(da.attrs.get("block_size", 3) or 3)
+
+
+def _ordered(da: xr.DataArray) -> xr.DataArray:
+    """Transpose by name into the contract's dim order (plus any extra dims last)."""
+    order = [d for d in DIMS if d in da.dims] + [d for d in da.dims if d not in DIMS]
+    return da.transpose(*order)
+
+
+def _collect(
+    bad: xr.DataArray, observed: xr.DataArray, expected: str | Callable[[dict], str], note: Callable[[dict], str] | None = None
+) -> list[Violation]:
+    """One Violation per True cell of ``bad``, located by coordinate values (not positions)."""
+    bad = _ordered(bad)
+    observed = observed.broadcast_like(bad).transpose(*bad.dims)
+    found = []
+    for index in np.argwhere(bad.values):
+        location = {dim: int(bad[dim].values[i]) for dim, i in zip(bad.dims, index)}
+        value = float(observed.values[tuple(index)])
+        found.append(
+            Violation(
+                location=location,
+                observed=value,
+                expected=expected(location) if callable(expected) else expected,
+                note=note(location) if note else "",
+            )
+        )
+    return found
+
+
+def _frames_text(frames: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(f)) for f in frames) + "]"
+
+
+def _range_text(da: xr.DataArray) -> str:
+    if da.size == 0 or bool(da.isnull().all()):
+        return "no values"
+    return f"min={float(da.min(skipna=True)):.6g} max={float(da.max(skipna=True)):.6g}"
+
+
+def _visible_only(da: xr.DataArray) -> xr.DataArray:
+    """NaN on cells the extraction's mask hides (masked mass is 0, which is not a value to average)."""
+    return da.where(~hidden_cells(da, *_mask_of(da)))
+
+
+def _query_frames(da: xr.DataArray, params: dict) -> list[int]:
+    frames = params.get("query_frames")
+    return list(frames) if frames else metrics.default_query_frames(da)
+
+
+# --------------------------------------------------------------------------- properties
+
+
+def value_range(da: xr.DataArray, params: dict) -> Evaluation:
+    mask, block_size = _mask_of(da)
+    visible = ~hidden_cells(da, mask, block_size)
+    lo, hi, finite = params["min"], params["max"], params["finite"]
+    values = da.where(visible)
+    cells = visible.broadcast_like(da)
+    nonfinite = cells & ~np.isfinite(da)
+    bad = nonfinite if finite else xr.zeros_like(cells)
+    parts = []
+    if lo is not None:
+        bad = bad | (cells & (da < lo))
+        parts.append(f">= {lo:g}")
+    if hi is not None:
+        bad = bad | (cells & (da > hi))
+        parts.append(f"<= {hi:g}")
+    if finite:
+        parts.append("finite")
+    expected = " and ".join(parts) if parts else "anything"
+    return Evaluation(
+        unit="cells",
+        units=int(cells.sum()),
+        failing=int(bad.sum()),
+        violations=_collect(bad, da, expected),
+        observed=f"{_range_text(values)} non-finite={int(nonfinite.sum())}",
+        expected=expected,
+    )
+
+
+def sink_score(da: xr.DataArray, params: dict) -> Evaluation:
+    frames = _query_frames(da, params)
+    stats = metrics.head_stats(_visible_only(da), frames)
+    sink = stats["sink"]
+    bad = xr.zeros_like(sink, dtype=bool) | sink.isnull()
+    parts = []
+    if params["sign"] == "positive":
+        bad = bad | (sink <= 0)
+        parts.append("> 0")
+    elif params["sign"] == "negative":
+        bad = bad | (sink >= 0)
+        parts.append("< 0")
+    if params["min"] is not None:
+        bad = bad | (sink < params["min"])
+        parts.append(f">= {params['min']:g}")
+    if params["max"] is not None:
+        bad = bad | (sink > params["max"])
+        parts.append(f"<= {params['max']:g}")
+    expected = "sink " + " and ".join(parts)
+    frames_text = _frames_text(frames)
+
+    def note(loc: dict) -> str:
+        one = stats.sel(loc)
+        return f"sink = first {float(one['first']):.4g} - mid {float(one['mid']):.4g}, query_frames={frames_text}"
+
+    return Evaluation(
+        unit="heads",
+        units=int(sink.size),
+        failing=int(bad.sum()),
+        violations=_collect(bad, sink, expected, note),
+        observed=f"sink {_range_text(sink)} over query_frames={frames_text}",
+        expected=f"{expected} (query_frames={frames_text})",
+    )
+
+
+def diagonal_dominance(da: xr.DataArray, params: dict) -> Evaluation:
+    mask, block_size = _mask_of(da)
+    if params["query_frames"]:
+        da = da.sel(query_frame=list(params["query_frames"]))
+    same = da["query_frame"] == da["key_frame"]
+    diag = da.where(same).max("key_frame", skipna=True)
+    others = da.where(~same & ~hidden_cells(da, mask, block_size))
+    has_other = others.notnull().any("key_frame")
+    if params["against"] == "mean":
+        competitor = others.mean("key_frame", skipna=True)
+    else:
+        competitor = others.max("key_frame", skipna=True)
+    margin = params["margin"]
+    gap = diag - competitor
+    bad = has_other & ~(gap > margin)
+    who = "mean of the other key frames" if params["against"] == "mean" else "every other key frame"
+    expected = f"diagonal beats {who} by more than {margin:g}"
+
+    def note(loc: dict) -> str:
+        row = others.sel(loc)
+        if params["against"] == "mean":
+            return f"diagonal {float(diag.sel(loc)):.4g} vs mean of others {float(competitor.sel(loc)):.4g}"
+        strongest = int(row.idxmax("key_frame", skipna=True))
+        return f"diagonal {float(diag.sel(loc)):.4g} vs key_frame={strongest} {float(competitor.sel(loc)):.4g}"
+
+    return Evaluation(
+        unit="query rows",
+        units=int(has_other.sum()),
+        failing=int(bad.sum()),
+        violations=_collect(bad, gap, expected, note),
+        observed=f"diagonal - {'mean' if params['against'] == 'mean' else 'max'} of others: {_range_text(gap.where(has_other))}",
+        expected=expected,
+    )
+
+
+def row_stochastic(da: xr.DataArray, params: dict) -> Evaluation:
+    tol = params["tol"]
+    row_sum = da.astype(np.float64).sum("key_frame", skipna=False)
+    bad_sum = ~(np.abs(row_sum - 1) <= tol)
+    negative = da < 0
+    bad_rows = bad_sum | negative.any("key_frame")
+    violations = _collect(bad_sum, row_sum, f"row sum 1 +/- {tol:g}", lambda loc: "row sum")
+    violations += _collect(negative, da, ">= 0", lambda loc: "negative mass")
+    return Evaluation(
+        unit="rows",
+        units=int(row_sum.size),
+        failing=int(bad_rows.sum()),
+        violations=violations,
+        observed=f"row sums {_range_text(row_sum)}, min entry {float(da.min()):.6g}",
+        expected=f"rows sum to 1 +/- {tol:g}, entries >= 0",
+    )
+
+
+def causal(da: xr.DataArray, params: dict) -> Evaluation:
+    block_size = params["block_size"] or _mask_of(da)[1]
+    hidden = hidden_cells(da, "block-causal", block_size).broadcast_like(da)
+    if not bool(hidden.any()):
+        raise HarnessError(
+            f"causal: block_size {block_size} puts all {da.sizes['key_frame']} frames in one block, so nothing "
+            "is masked and there is nothing to check; use a smaller block_size"
+        )
+    if da.name == "mass":
+        tol = params["tol"]
+        bad = hidden & ~(np.abs(da) <= tol)
+        expected = f"0 (masked, |mass| <= {tol:g})"
+    else:
+        bad = hidden & da.notnull()
+        expected = "NaN (masked)"
+
+    def note(loc: dict) -> str:
+        return f"key block {loc['key_frame'] // block_size} after query block {loc['query_frame'] // block_size}"
+
+    return Evaluation(
+        unit="masked cells",
+        units=int(hidden.sum()),
+        failing=int(bad.sum()),
+        violations=_collect(bad, da, expected, note),
+        observed=f"{int(bad.sum())} masked cells hold a value; {da.name} there: {_range_text(da.where(hidden & da.notnull()))}",
+        expected=f"block-causal with block_size {block_size}: masked cells {expected}",
+    )
+
+
+def _decay_profile(da: xr.DataArray, params: dict) -> xr.DataArray:
+    """p(d) = mean over query frames a of (mean of the valid da[a, b] with |a - b| = d)."""
+    distance = np.abs(da["query_frame"] - da["key_frame"])
+    da = _visible_only(da)
+    if params["exclude_first"]:
+        da = da.where((da["query_frame"] != 0) & (da["key_frame"] != 0))
+    top = int(distance.max()) if params["max_distance"] is None else params["max_distance"]
+    wanted = range(params["min_distance"], top + 1)
+    profile = [
+        da.where(distance == d).mean("key_frame", skipna=True).mean("query_frame", skipna=True) for d in wanted
+    ]
+    return xr.concat(profile, dim="distance").assign_coords(distance=list(wanted))
+
+
+def temporal_decay(da: xr.DataArray, params: dict) -> Evaluation:
+    profile = _decay_profile(da, params)
+    tol = params["tol"]
+    farther = profile.isel(distance=slice(1, None))
+    nearer = profile.isel(distance=slice(None, -1)).assign_coords(distance=farther["distance"].values)
+    grows = (farther > nearer + tol).fillna(False)
+    bad_heads = grows.any("distance")
+    expected = f"value at distance d <= value at d-1 + {tol:g}"
+    violations = _collect(
+        grows, farther, lambda loc: f"<= {float(nearer.sel(loc)):.6g} + {tol:g} (distance {loc['distance'] - 1})"
+    )
+    return Evaluation(
+        unit="heads",
+        units=int(bad_heads.size),
+        failing=int(bad_heads.sum()),
+        violations=violations,
+        observed=f"largest growth between neighbouring distances: {float((farther - nearer).max()):.6g}",
+        expected=expected + (", frame 0 excluded" if params["exclude_first"] else ""),
+    )
+
+
+def sink_heads(da: xr.DataArray, params: dict) -> Evaluation:
+    frames = _query_frames(da, params)
+    threshold = params["threshold"]
+    listed = set(params["expected"])
+    missing = sorted(listed - set(int(h) for h in da["head"].values))
+    if missing:
+        raise HarnessError(f"sink_heads: expected heads {missing} are not among the checked heads")
+    sink = metrics.head_stats(_visible_only(da), frames)["sink"]
+    is_listed = xr.DataArray([int(h) in listed for h in sink["head"].values], dims="head", coords={"head": sink["head"]})
+    has_sink = sink > threshold
+    lost = is_listed & ~has_sink
+    gained = ~is_listed & has_sink if params["match"] == "equals" else xr.zeros_like(has_sink)
+    bad = lost | gained
+    found = _ordered(has_sink)
+    by_step = []
+    for step in found["step"].values:
+        for layer in found["layer"].values:
+            heads = [int(h) for h in found["head"].values if bool(found.sel(step=step, layer=layer, head=h))]
+            by_step.append(f"step={int(step)} layer={int(layer)}: {heads}")
+    relation = "equal" if params["match"] == "equals" else "contain"
+    frames_text = _frames_text(frames)
+
+    def expected(loc: dict) -> str:
+        if int(loc["head"]) in listed:
+            return f"> {threshold:g} (listed sink head lost its sink)"
+        return f"<= {threshold:g} (unlisted head gained a sink)"
+
+    return Evaluation(
+        unit="heads",
+        units=int(sink.size),
+        failing=int(bad.sum()),
+        violations=_collect(bad, sink, expected, lambda loc: f"sink score over query_frames={frames_text}"),
+        observed="heads with sink > {:g}: {}".format(threshold, "; ".join(by_step)),
+        expected=f"sink heads {relation} {sorted(listed)} (sink > {threshold:g}, query_frames={frames_text})",
+    )
+
+
+QUERY_FRAMES = Param("frames", None, "query frames of the profile (default: the last block)")
+
+_register(Property(
+    name="value_range",
+    formula="every visible cell x satisfies min <= x <= max; with finite, x is not NaN or inf "
+    "(cells hidden by a block-causal mask are skipped)",
+    params={
+        "min": Param("number", None, "lower bound"),
+        "max": Param("number", None, "upper bound"),
+        "finite": Param("bool", True, "visible cells must be finite"),
+    },
+    fn=value_range,
+))
+_register(Property(
+    name="sink_score",
+    formula="per head: r[b] = mean over query frames a of x[a, b]; sink = r[k_0] - mean(r[k_1..k_m-1]) "
+    "(DESIGN.md section 3); sign positive: sink > 0, negative: sink < 0; min <= sink <= max",
+    params={
+        "sign": Param("choice", None, "required sign of the sink score", ("positive", "negative")),
+        "min": Param("number", None, "lowest allowed sink score"),
+        "max": Param("number", None, "highest allowed sink score"),
+        "query_frames": QUERY_FRAMES,
+    },
+    fn=sink_score,
+    requires_one_of=("sign", "min", "max"),
+))
+_register(Property(
+    name="diagonal_dominance",
+    formula="per head and query frame a: x[a, a] - c > margin, c = max (against: max) or mean "
+    "(against: mean) of x[a, b] over the visible key frames b != a",
+    params={
+        "against": Param("choice", "max", "compare with every other key frame or their mean", ("max", "mean")),
+        "margin": Param("number", 0.0, "how much the diagonal must exceed the competitor by"),
+        "query_frames": Param("frames", None, "query frames to check (default: all)"),
+    },
+    fn=diagonal_dominance,
+))
+_register(Property(
+    name="row_stochastic",
+    formula="per head and query frame a: |sum_b mass[a, b] - 1| <= tol and every mass[a, b] >= 0",
+    params={"tol": Param("number", 1e-4, "allowed deviation of a row sum from 1 (float32 sums of <= 100 terms)")},
+    fn=row_stochastic,
+    default_metric="mass",
+    metrics=("mass",),
+))
+_register(Property(
+    name="causal",
+    formula="for every cell with block(b) > block(a), block(f) = f // block_size: logits NaN; |mass| <= tol",
+    params={
+        "block_size": Param("int", None, "frames per block (default: the extraction's block_size)"),
+        "tol": Param("number", 0.0, "largest |mass| allowed on a masked cell"),
+    },
+    fn=causal,
+    default_metric="mass",
+))
+_register(Property(
+    name="temporal_decay",
+    formula="per head: p(d) = mean over query frames a of mean{x[a, b] : |a - b| = d, visible}; "
+    "p(d) <= p(d - 1) + tol for min_distance < d <= max_distance",
+    params={
+        "tol": Param("number", 0.0, "allowed growth from one distance to the next"),
+        "exclude_first": Param("bool", True, "leave frame 0 (the usual sink) out as query and key"),
+        "min_distance": Param("int", 0, "first distance of the profile"),
+        "max_distance": Param("int", None, "last distance of the profile (default: the largest)"),
+    },
+    fn=temporal_decay,
+))
+_register(Property(
+    name="sink_heads",
+    formula="per step: {h : sink[h] > threshold} equals (match: equals) or contains (match: contains) "
+    "the expected heads; sink as in sink_score",
+    params={
+        "expected": Param("int_list", REQUIRED, "the heads that must carry a sink"),
+        "threshold": Param("number", 0.0, "sink score above which a head counts as a sink head"),
+        "match": Param("choice", "equals", "exact set, or the listed heads at least", ("equals", "contains")),
+        "query_frames": QUERY_FRAMES,
+    },
+    fn=sink_heads,
+))
+
+
+# --------------------------------------------------------------------------- running
+
+
+def normalize_params(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``raw`` against the property's and the common parameters; fill defaults.
+
+    Raises ``KeyError`` for an unknown parameter (message: the key) and ``ValueError`` for a
+    bad value (message says what was expected); the spec loader adds file and line.
+    """
+    prop = PROPERTIES[name]
+    schema = {**COMMON_PARAMS, **prop.params}
+    for key in raw:
+        if key not in schema:
+            raise KeyError(key)
+    params: dict[str, Any] = {}
+    for key, param in schema.items():
+        if key in raw:
+            try:
+                params[key] = param.coerce(raw[key])
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
+        elif param.default is REQUIRED:
+            raise ValueError(f"missing required parameter '{key}' ({param.doc})")
+        else:
+            params[key] = param.default
+    if params["metric"] is None:
+        params["metric"] = prop.default_metric
+    if params["metric"] not in prop.metrics:
+        raise ValueError(f"metric: {name} works on {', '.join(prop.metrics)} only; got {params['metric']!r}")
+    if not 0 < params["mostly"] <= 1:
+        raise ValueError(f"mostly: must be in (0, 1]; got {params['mostly']}")
+    if prop.requires_one_of and all(params[key] is None for key in prop.requires_one_of):
+        raise ValueError(f"{name} needs at least one of {', '.join(prop.requires_one_of)}")
+    return params
+
+
+def _select(ds: xr.Dataset, params: dict, layer: int | None) -> xr.DataArray:
+    metric = params["metric"]
+    if metric not in ds.data_vars:
+        raise HarnessError(f"this extraction has no '{metric}' variable (it has {sorted(ds.data_vars)}); "
+                           "add it to the probe's metrics or check another metric")
+    da = ds[metric]
+    da.attrs = {**ds.attrs, **da.attrs}
+    selection: dict[str, list[int]] = {}
+    if layer is not None:
+        selection["layer"] = [layer]
+    if params["heads"] != "all":
+        selection["head"] = list(params["heads"])
+    if params["steps"] != "all":
+        available = [int(s) for s in ds["step"].values]
+        named = {"first": min(available), "last": max(available)}
+        selection["step"] = sorted({named.get(s, s) for s in params["steps"]})
+    for dim, wanted in selection.items():
+        present = set(int(v) for v in ds[dim].values)
+        missing = [v for v in wanted if v not in present]
+        if missing:
+            raise HarnessError(f"{dim} {missing} not in this extraction (it has {sorted(present)})")
+    return da.sel(selection)
+
+
+def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: int | None = None) -> CheckResult:
+    """Evaluate property ``name`` on ``ds`` (one layer of it when ``layer`` is given)."""
+    if name not in PROPERTIES:
+        raise HarnessError(f"unknown property {name!r}; known: {', '.join(PROPERTIES)}")
+    params = normalize_params(name, params)
+    da = _select(ds, params, layer)
+    ev = PROPERTIES[name].fn(da, params)
+    passing = ev.units - ev.failing
+    share = passing / ev.units if ev.units else 1.0
+    ok = share >= params["mostly"]
+    severity = params["severity"]
+    status = "pass" if ok else ("warn" if severity == "warn" else "fail")
+    needs = f"needs {params['mostly']:.0%}" if params["mostly"] < 1 else "needs all"
+    head = (
+        f"{name} on {params['metric']}: {ev.failing} of {ev.units} {ev.unit} violate "
+        f"({share:.1%} pass, {needs})"
+    )
+    lines = [head, f"  expected: {ev.expected}", f"  observed: {ev.observed}"]
+    if ev.violations:
+        lines.append("  violations:")
+        lines += [f"    {v.describe()}" for v in ev.violations[:MAX_LISTED]]
+        if len(ev.violations) > MAX_LISTED:
+            lines.append(f"    ... and {len(ev.violations) - MAX_LISTED} more")
+    return CheckResult(
+        property=name,
+        status=status,
+        severity=severity,
+        metric=params["metric"],
+        observed=ev.observed,
+        expected=ev.expected,
+        message="\n".join(lines),
+        violations=ev.violations[:MAX_RECORDED],
+    )

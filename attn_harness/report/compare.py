@@ -1,0 +1,171 @@
+"""Checkpoint comparison: align two extractions and compute where and how their attention differs.
+
+Steps are paired by position (first with first, last with last), since two checkpoints
+are usually sampled with the same capture steps but possibly different step counts
+(a 50-step base model against a 4-step distilled one). Layers are the shared ones, or a
+chosen subset of them. Every other dim must match; a mismatch is a ``HarnessError``
+naming the dim and both sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+
+from attn_harness.core import metrics
+from attn_harness.core.errors import HarnessError
+
+# A head is a "sink head" when its sink score (first - mid) reaches this, per metric.
+SINK_HEAD_THRESHOLD: dict[str, float] = {"logits": 1.0, "mass": 0.05}
+# A head is "diagonally dominant" when at least this share of its query frames puts the
+# row maximum on its own frame.
+DIAGONAL_DOMINANCE_SHARE = 0.5
+STEP_POSITIONS = ("first", "mid", "last")
+TOP_DIFFERENCES = 10
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """The two checkpoints' ``metric`` arrays on shared coords (B's steps relabelled as A's)."""
+
+    a: xr.DataArray
+    b: xr.DataArray
+    b_steps: list[int]
+    metric: str
+    labels: tuple[str, str]
+    query_frames: list[int]
+
+
+def _size_error(dim: str, sizes: tuple[int, int], labels: tuple[str, str], hint: str) -> HarnessError:
+    return HarnessError(
+        f"cannot compare: {dim} differs, A ({labels[0]}) has {sizes[0]} and B ({labels[1]}) has {sizes[1]}; {hint}"
+    )
+
+
+def align(
+    a: xr.Dataset,
+    b: xr.Dataset,
+    *,
+    labels: tuple[str, str] = ("A", "B"),
+    layers: Sequence[int] | None = None,
+    metric: str = "logits",
+) -> Aligned:
+    """Check the two extractions share geometry and pair their steps and layers."""
+    for name, ds, label in (("A", a, labels[0]), ("B", b, labels[1])):
+        if metric not in ds:
+            raise HarnessError(
+                f"cannot compare {metric}: {name} ({label}) has no {metric!r} variable "
+                f"(has {sorted(ds.data_vars)}); use --metric logits"
+            )
+    hints = {
+        "query_frame": "extract both with the same num_frames",
+        "key_frame": "extract both with the same num_frames",
+        "head": "the checkpoints must have the same number of attention heads",
+        "step": "extract both with the same capture_steps (steps are paired by position)",
+    }
+    for dim, hint in hints.items():
+        if a.sizes[dim] != b.sizes[dim]:
+            raise _size_error(dim, (a.sizes[dim], b.sizes[dim]), labels, hint)
+    shared = [int(layer) for layer in a["layer"].values if layer in set(b["layer"].values.tolist())]
+    if layers is None:
+        if not shared:
+            raise HarnessError(
+                f"cannot compare: no shared layers; A ({labels[0]}) has layers {a['layer'].values.tolist()}, "
+                f"B ({labels[1]}) has {b['layer'].values.tolist()}"
+            )
+        layers = shared
+    missing = [int(layer) for layer in layers if layer not in shared]
+    if missing:
+        raise HarnessError(
+            f"cannot compare layers {missing}: not in both extractions; layers in both: {shared}"
+        )
+    a_da = a[metric].sel(layer=list(layers))
+    b_da = b[metric].sel(layer=list(layers))
+    b_steps = [int(s) for s in b_da["step"].values]
+    b_da = b_da.assign_coords(step=a_da["step"].values, timestep=("step", b_da["timestep"].values))
+    a_da = a_da.drop_vars("timestep", errors="ignore")
+    b_da = b_da.drop_vars("timestep")
+    return Aligned(a_da, b_da, b_steps, metric, labels, metrics.default_query_frames(a))
+
+
+def pick_step(aligned: Aligned, step: int | str = "last") -> int:
+    """A's step coordinate for ``first``/``mid``/``last`` or an explicit A step index."""
+    steps = [int(s) for s in aligned.a["step"].values]
+    if step in STEP_POSITIONS:
+        return steps[{"first": 0, "mid": (len(steps) - 1) // 2, "last": len(steps) - 1}[step]]
+    if step not in steps:
+        raise HarnessError(f"step {step!r} is not one of A's captured steps {steps} (or first, mid, last)")
+    return int(step)
+
+
+def difference(aligned: Aligned) -> xr.DataArray:
+    """B - A cell by cell (NaN where either is masked)."""
+    return aligned.b - aligned.a
+
+
+def mean_abs_difference(aligned: Aligned) -> xr.DataArray:
+    """mean |B - A| over query and key frames (masked cells skipped), per step, layer and head."""
+    return abs(difference(aligned)).mean(["query_frame", "key_frame"], skipna=True)
+
+
+def top_differences(aligned: Aligned, count: int = TOP_DIFFERENCES) -> list[dict]:
+    """The (layer, head) pairs with the largest mean |B - A| averaged over steps, largest first."""
+    score = mean_abs_difference(aligned).mean("step", skipna=True).transpose("layer", "head")
+    flat = score.stack(cell=("layer", "head"))
+    order = np.argsort(-np.nan_to_num(flat.values, nan=-np.inf), kind="stable")[:count]
+    return [
+        {"layer": int(flat["layer"].values[i]), "head": int(flat["head"].values[i]), "mean_abs_diff": float(flat.values[i])}
+        for i in order
+    ]
+
+
+def diagonal_dominance(da: xr.DataArray) -> xr.DataArray:
+    """Share of query frames whose row maximum sits on the diagonal (per remaining dim)."""
+    row_max = da.max("key_frame", skipna=True).rename(query_frame="frame")
+    return (metrics.diagonal(da) >= row_max).mean("frame")
+
+
+def head_table(aligned: Aligned, layer: int, step: int) -> list[dict]:
+    """Per head of one layer: A's and B's statistics (layer_summary) and B - A for each."""
+    a = metrics.layer_summary(aligned.a.sel(layer=layer, step=step), aligned.query_frames)
+    b = metrics.layer_summary(aligned.b.sel(layer=layer, step=step), aligned.query_frames)
+    dom_a = diagonal_dominance(aligned.a.sel(layer=layer, step=step))
+    dom_b = diagonal_dominance(aligned.b.sel(layer=layer, step=step))
+    rows = []
+    for head_a, head_b in zip(a["heads"], b["heads"]):
+        head = head_a["head"]
+        row = {"head": head}
+        for key in ("first", "mid", "last", "sink"):
+            row[key] = (head_a[key], head_b[key], head_b[key] - head_a[key])
+        row["diagonal_dominance"] = (float(dom_a.sel(head=head)), float(dom_b.sel(head=head)))
+        rows.append(row)
+    return rows
+
+
+def flips(aligned: Aligned, layer: int, step: int) -> list[dict]:
+    """Heads whose sink sign, sink-head membership or diagonal dominance changed from A to B."""
+    threshold = SINK_HEAD_THRESHOLD[aligned.metric]
+    found = []
+    for row in head_table(aligned, layer, step):
+        sink_a, sink_b, _ = row["sink"]
+        dom_a, dom_b = row["diagonal_dominance"]
+        checks = (
+            ("sink sign", np.sign(sink_a) != np.sign(sink_b), f"{sink_a:+.3f}", f"{sink_b:+.3f}"),
+            (
+                f"sink head (sink >= {threshold:g})",
+                (sink_a >= threshold) != (sink_b >= threshold),
+                f"{sink_a:+.3f}", f"{sink_b:+.3f}",
+            ),
+            (
+                f"diagonal dominance (>= {DIAGONAL_DOMINANCE_SHARE:.0%} of rows)",
+                (dom_a >= DIAGONAL_DOMINANCE_SHARE) != (dom_b >= DIAGONAL_DOMINANCE_SHARE),
+                f"{dom_a:.0%}", f"{dom_b:.0%}",
+            ),
+        )
+        for kind, changed, before, after in checks:
+            if changed:
+                found.append({"layer": layer, "step": step, "head": row["head"], "kind": kind, "a": before, "b": after})
+    return found
