@@ -93,12 +93,12 @@ def test_misspelled_spec_and_probe_keys(tmp_path):
 @pytest.mark.parametrize(
     ("old", "new", "line", "message"),
     [
-        ("seed: 3", "seed: three", 6, "probe.seed must be an integer; got 'three'"),
-        ("mask: block-causal", "mask: causal", 10, "probe: mask must be one of"),
-        ("{min: -50, max: 50}", "{min: low}", 14, "min: expected a number or null; got 'low'"),
-        ("heads: [0, 2]", "heads: 2", 16, "heads: expected 'all' or a list of head indices"),
+        ("seed: 3", "seed: three", 6, "probe.seed: expected an integer (>= 0, <= 9223372036854775807); got 'three'"),
+        ("mask: block-causal", "mask: causal", 10, "probe.mask: expected one of bidirectional, block-causal"),
+        ("{min: -50, max: 50}", "{min: low}", 14, "min: expected a finite number or null; got 'low'"),
+        ("heads: [0, 2]", "heads: [a]", 16, "heads: expected 'all', a head index or a list of them"),
         ("0-1:", "1-0:", 15, "runs backwards"),
-        ("{atol: 1e-3}", "{atol: -1}", 22, "baseline.logits.atol must be >= 0"),
+        ("{atol: 1e-3}", "{atol: -1}", 22, "baseline.logits.atol: must be >= 0; got -1"),
         ("[slow,", "[slwo,", 23, "unknown mark 'slwo' (did you mean 'slow'?)"),
         ("{id: causal-mass, metric: mass}", "{metric: mass}", 20, "layer 3 already has a check named 'causal'"),
         ("model: tiny-random\n", "model: tiny-random\n    model: other\n", 4, "duplicate key 'model' (first at line 3)"),

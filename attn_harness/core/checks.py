@@ -24,74 +24,19 @@ from attn_harness.core import metrics
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells
 from attn_harness.core.schema import DIMS
+from attn_harness.core.vocabulary import REQUIRED, Field, FieldError, FieldErrors, step_index, validate
 
-REQUIRED = object()  # marks a parameter without a default
 MAX_LISTED = 10  # violations spelled out in a failure message (all are in ``violations``)
 MAX_RECORDED = 200  # violations kept in a result (the JSON record stays small)
 
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter: its kind (how values are validated), default and meaning."""
-
-    kind: str  # number | int | bool | choice | frames | heads | steps | int_list
-    default: Any = REQUIRED
-    doc: str = ""
-    choices: tuple[str, ...] = ()
-
-    def coerce(self, value: Any) -> Any:
-        """Return the value in canonical form, or raise ``ValueError`` saying what was expected."""
-        if value is None and self.default is None:
-            return None
-        kind = self.kind
-        if kind == "number" and _is_number(value):
-            return float(value)
-        if kind == "int" and _is_int(value):
-            return int(value)
-        if kind == "bool" and isinstance(value, bool):
-            return value
-        if kind == "choice" and value in self.choices:
-            return value
-        if kind in ("frames", "int_list") and _is_int_list(value):
-            return tuple(int(v) for v in value)
-        if kind == "heads" and (value == "all" or _is_int_list(value)):
-            return value if value == "all" else tuple(int(v) for v in value)
-        if kind == "steps" and (
-            value == "all" or (isinstance(value, (list, tuple)) and value and all(_is_int(v) or v in ("first", "last") for v in value))
-        ):
-            return value if value == "all" else tuple(value)
-        raise ValueError(f"expected {self.describe()}; got {value!r}")
-
-    def describe(self) -> str:
-        return {
-            "number": "a number",
-            "int": "an integer",
-            "bool": "true or false",
-            "choice": "one of " + ", ".join(self.choices),
-            "frames": "a list of latent frame indices",
-            "int_list": "a list of integers",
-            "heads": "'all' or a list of head indices",
-            "steps": "'all' or a list of step indices (first and last allowed)",
-        }[self.kind] + (" or null" if self.default is None else "")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_int_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(v) for v in value)
+Param = Field  # a property parameter is a vocabulary field
 
 
 COMMON_PARAMS: dict[str, Param] = {
     "metric": Param("choice", None, "variable to check (default per property)", ("logits", "mass")),
     "heads": Param("heads", "all", "heads to check"),
-    "steps": Param("steps", "all", "denoising steps to check (step coordinate values)"),
-    "mostly": Param("number", 1.0, "share of units (cells, rows or heads) that must pass, in (0, 1]"),
+    "steps": Param("steps", "all", "denoising steps to check: step indices, first, mid (sample_steps // 2), last"),
+    "mostly": Param("number", 1.0, "share of units (cells, rows or heads) that must pass, in (0, 1]", above=0, high=1),
     "severity": Param("choice", "fail", "a failing warn-check passes with a warning", ("fail", "warn")),
 }
 
@@ -480,7 +425,8 @@ _register(Property(
 _register(Property(
     name="row_stochastic",
     formula="per head and query frame a: |sum_b mass[a, b] - 1| <= tol and every mass[a, b] >= 0",
-    params={"tol": Param("number", 1e-4, "allowed deviation of a row sum from 1 (float32 sums of <= 100 terms)")},
+    params={"tol": Param("number", 1e-4, "allowed deviation of a row sum from 1 (float32 sums of <= 100 terms)",
+                           low=0, high=1)},
     fn=row_stochastic,
     default_metric="mass",
     metrics=("mass",),
@@ -489,8 +435,8 @@ _register(Property(
     name="causal",
     formula="for every cell with block(b) > block(a), block(f) = f // block_size: logits NaN; |mass| <= tol",
     params={
-        "block_size": Param("int", None, "frames per block (default: the extraction's block_size)"),
-        "tol": Param("number", 0.0, "largest |mass| allowed on a masked cell"),
+        "block_size": Param("int", None, "frames per block (default: the extraction's block_size)", low=1, high=64),
+        "tol": Param("number", 0.0, "largest |mass| allowed on a masked cell", low=0, high=1),
     },
     fn=causal,
     default_metric="mass",
@@ -500,10 +446,10 @@ _register(Property(
     formula="per head: p(d) = mean over query frames a of mean{x[a, b] : |a - b| = d, visible}; "
     "p(d) <= p(d - 1) + tol for min_distance < d <= max_distance",
     params={
-        "tol": Param("number", 0.0, "allowed growth from one distance to the next"),
+        "tol": Param("number", 0.0, "allowed growth from one distance to the next", low=0),
         "exclude_first": Param("bool", True, "leave frame 0 (the usual sink) out as query and key"),
-        "min_distance": Param("int", 0, "first distance of the profile"),
-        "max_distance": Param("int", None, "last distance of the profile (default: the largest)"),
+        "min_distance": Param("int", 0, "first distance of the profile", low=0, high=4095),
+        "max_distance": Param("int", None, "last distance of the profile (default: the largest)", low=0, high=4095),
     },
     fn=temporal_decay,
 ))
@@ -527,33 +473,23 @@ _register(Property(
 def normalize_params(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     """Validate ``raw`` against the property's and the common parameters; fill defaults.
 
-    Raises ``KeyError`` for an unknown parameter (message: the key) and ``ValueError`` for a
-    bad value (message says what was expected); the spec loader adds file and line.
+    Raises ``FieldErrors`` (a ``ValueError``) listing every bad, unknown or missing key at
+    once, each with its ``key``; the spec loader adds file and line.
     """
     prop = PROPERTIES[name]
-    schema = {**COMMON_PARAMS, **prop.params}
-    for key in raw:
-        if key not in schema:
-            raise KeyError(key)
-    params: dict[str, Any] = {}
-    for key, param in schema.items():
-        if key in raw:
-            try:
-                params[key] = param.coerce(raw[key])
-            except ValueError as err:
-                raise ValueError(f"{key}: {err}") from None
-        elif param.default is REQUIRED:
-            raise ValueError(f"missing required parameter '{key}' ({param.doc})")
-        else:
-            params[key] = param.default
+    params = validate({**COMMON_PARAMS, **prop.params}, raw)
     if params["metric"] is None:
         params["metric"] = prop.default_metric
+    problems = []
     if params["metric"] not in prop.metrics:
-        raise ValueError(f"metric: {name} works on {', '.join(prop.metrics)} only; got {params['metric']!r}")
-    if not 0 < params["mostly"] <= 1:
-        raise ValueError(f"mostly: must be in (0, 1]; got {params['mostly']}")
+        problems.append(FieldError("metric", f"{name} works on {', '.join(prop.metrics)} only; got {params['metric']!r}"))
     if prop.requires_one_of and all(params[key] is None for key in prop.requires_one_of):
-        raise ValueError(f"{name} needs at least one of {', '.join(prop.requires_one_of)}")
+        problems.append(FieldError(None, f"{name} needs at least one of {', '.join(prop.requires_one_of)}"))
+    for low, high in (("min", "max"), ("min_distance", "max_distance")):
+        if params.get(low) is not None and params.get(high) is not None and params[low] > params[high]:
+            problems.append(FieldError(low, f"{low} {params[low]:g} is above {high} {params[high]:g}: nothing can pass"))
+    if problems:
+        raise FieldErrors(problems)
     return params
 
 
@@ -571,8 +507,7 @@ def _select(ds: xr.Dataset, params: dict, layer: int | None) -> xr.DataArray:
         selection["head"] = list(params["heads"])
     if params["steps"] != "all":
         available = [int(s) for s in ds["step"].values]
-        named = {"first": min(available), "last": max(available)}
-        selection["step"] = sorted({named.get(s, s) for s in params["steps"]})
+        selection["step"] = sorted({step_index(s, available, ds.attrs.get("sample_steps")) for s in params["steps"]})
     for dim, wanted in selection.items():
         present = set(int(v) for v in ds[dim].values)
         missing = [v for v in wanted if v not in present]

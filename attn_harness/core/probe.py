@@ -1,4 +1,10 @@
-"""What to extract: the probe (sampling settings) and the capture selection, as plain data."""
+"""What to extract: the probe (sampling settings) and the capture selection, as plain data.
+
+Every probe parameter is one entry of ``PROBE_FIELDS`` (the YAML key, its Python attribute,
+kind, default, bounds and meaning); the spec loader, the ``extract`` CLI flags, the JSON
+Schema and the docs table are derived from it, and ``Probe`` validates itself against it, so
+a probe built from YAML, flags or Python is checked the same way.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,49 @@ from dataclasses import dataclass
 from typing import Any
 
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.vocabulary import Field, FieldError, resolve_step
 
 DTYPES = ("float32", "bfloat16", "float16")
 MASKS = ("bidirectional", "block-causal")
 BRANCHES = ("cond", "uncond")
 MODES = ("teacher-forced", "rollout")
+METRICS = ("logits", "mass")
+
+# YAML key -> field. ``attr`` is the Probe attribute where it differs; ``flag`` the CLI flag.
+PROBE_FIELDS: dict[str, Field] = {
+    "prompt": Field("str", "a red square moving from left to right", "text prompt"),
+    "negative_prompt": Field("str", "", "negative prompt for classifier-free guidance"),
+    "seed": Field("int", 0, "noise seed", low=0, high=2**63 - 1),
+    "frames": Field("int", None, "pixel frames, 1 + 4k (default: the model's)", low=1, high=1001, attr="num_frames"),
+    "height": Field("int", None, "pixel height, a multiple of 16 (default: the model's)", low=16, high=4096),
+    "width": Field("int", None, "pixel width, a multiple of 16 (default: the model's)", low=16, high=4096),
+    "sample_steps": Field("int", 10, "denoising steps of the run", low=1, high=1000),
+    "capture_steps": Field("capture_steps", ("first", "mid", "last"),
+                           "steps to capture: indices, or first (0), mid (sample_steps // 2), last",
+                           high=999, flag="--steps"),
+    "guidance": Field("number", 5.0, "classifier-free guidance scale (<= 1 runs the conditional pass only)",
+                      low=0, high=100),
+    "shift": Field("number", 3.0, "flow shift of the scheduler", above=0, high=100),
+    "mask": Field("choice", None, "self-attention mask (default: block-causal for mode rollout, else bidirectional)",
+                  MASKS),
+    "block_size": Field("int", 3, "latent frames per block (block-causal)", low=1, high=64),
+    "dtype": Field("choice", "float32", "model dtype (statistics are always float32)", DTYPES),
+    "device": Field("device", "auto", "auto picks CUDA when present"),
+    "branch": Field("choice", "cond", "CFG branch to capture", BRANCHES),
+    "metrics": Field("choices", METRICS, "variables to store: logits, optionally mass", METRICS),
+    "mode": Field("choice", "teacher-forced",
+                  "teacher-forced: whole clip per step; rollout: block by block with a KV cache", MODES),
+    "prompt_embeds": Field("str", None, "text embeddings file replacing the text encoder"),
+}
+PROBE_ATTRS: dict[str, str] = {key: f.attr or key for key, f in PROBE_FIELDS.items()}
+
+
+class ProbeError(HarnessError):
+    """A bad probe value; ``key`` is the YAML key at fault (for the spec's line)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -19,11 +63,12 @@ class Probe:
     """Sampling run and capture selection for one extraction.
 
     ``None`` geometry means "the model's default" (the embedded models define theirs; real
-    Wan models default to 81 frames at 480x832). ``capture_steps`` accepts ``first``, ``mid``,
-    ``last`` and integers; ``layers`` is ``"all"`` or a tuple of block indices.
-    ``prompt_embeds`` (a file) replaces the text encoder. ``mode`` ``teacher-forced`` denoises the
-    whole clip in one pass per step (under ``mask``); ``rollout`` denoises it block by block with a
-    KV cache of the earlier clean blocks (``attn_harness.sampling.rollout``) and needs ``mask: block-causal``.
+    Wan models default to 81 frames at 480x832). ``capture_steps`` accepts ``first``, ``mid``
+    (``sample_steps // 2``), ``last`` and integers; ``layers`` is ``"all"`` or a tuple of block
+    indices. ``prompt_embeds`` (a file) replaces the text encoder. ``mode`` ``teacher-forced``
+    denoises the whole clip in one pass per step (under ``mask``); ``rollout`` denoises it block
+    by block with a KV cache of the earlier clean blocks (``attn_harness.sampling.rollout``) and
+    attends block-causally (``mask`` defaults to block-causal; bidirectional is refused).
     """
 
     prompt: str = "a red square moving from left to right"
@@ -38,7 +83,7 @@ class Probe:
     metrics: tuple[str, ...] = ("logits", "mass")
     guidance: float = 5.0
     shift: float = 3.0
-    mask: str = "bidirectional"
+    mask: str | None = None
     block_size: int = 3
     dtype: str = "float32"
     device: str = "auto"
@@ -47,19 +92,32 @@ class Probe:
     mode: str = "teacher-forced"
 
     def __post_init__(self) -> None:
-        for name, allowed in (("dtype", DTYPES), ("mask", MASKS), ("branch", BRANCHES), ("mode", MODES)):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise HarnessError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        bad_metrics = [m for m in self.metrics if m not in ("logits", "mass")]
-        if bad_metrics or "logits" not in self.metrics:
-            raise HarnessError(f"metrics must include 'logits' and may add 'mass'; got {list(self.metrics)}")
-        if self.sample_steps < 1:
-            raise HarnessError(f"sample_steps must be at least 1; got {self.sample_steps}")
-        if self.block_size < 1:
-            raise HarnessError(f"block_size must be at least 1; got {self.block_size}")
+        for key, field_ in PROBE_FIELDS.items():
+            attr = PROBE_ATTRS[key]
+            try:
+                object.__setattr__(self, attr, field_.coerce(getattr(self, attr)))
+            except FieldError as err:
+                raise ProbeError(key, err.message) from None
+        try:
+            object.__setattr__(self, "layers", Field("layers").coerce(self.layers))
+        except FieldError as err:
+            raise ProbeError("layers", err.message) from None
+        if "logits" not in self.metrics:
+            raise ProbeError("metrics", f"must include 'logits' and may add 'mass'; got {list(self.metrics)}")
+        if self.mask is None:
+            object.__setattr__(self, "mask", "block-causal" if self.mode == "rollout" else "bidirectional")
         if self.mode == "rollout" and self.mask != "block-causal":
-            raise HarnessError("mode 'rollout' attends block-causally (each block sees the cached earlier blocks): set mask to block-causal")
+            raise ProbeError("mask", "mode 'rollout' attends block-causally (each block sees the cached earlier "
+                             "blocks): leave mask out or set it to block-causal")
+        late = [s for s in self.capture_steps if resolve_step(s, self.sample_steps) >= self.sample_steps]
+        if late:
+            raise ProbeError("capture_steps", f"step {late[0]} is out of range: sampling runs steps "
+                             f"0-{self.sample_steps - 1} (sample_steps {self.sample_steps})")
+
+    @classmethod
+    def from_keys(cls, values: dict[str, Any], **extra: Any) -> "Probe":
+        """A probe from YAML keys (``frames``, not ``num_frames``); ``extra`` are attributes."""
+        return cls(**{PROBE_ATTRS[key]: value for key, value in values.items()}, **extra)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,6 +5,11 @@ harness version, so a changed checkpoint, probe or harness never reuses stale da
 lock per key makes concurrent workers (``pytest -n 2``) extract once: the first takes the
 lock and extracts, the others wait and read the file. Every extraction appends one line to
 ``extractions.log`` in the cache directory (what the tests count).
+
+The cache owns its directory and nothing else: it writes ``CACHEDIR.TAG`` into a new or
+empty directory, refuses a non-empty directory without it, and ``clear`` removes only its
+own entries (``<64 hex>.nc``, their locks, the log, its temps). Each entry records its key;
+an entry that cannot be read, or that holds another key, is re-extracted with a warning.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import re
 import time
+import warnings
 from pathlib import Path
 
 import xarray as xr
@@ -21,10 +27,24 @@ from filelock import FileLock
 
 import attn_harness
 from attn_harness.core import store
+from attn_harness.core.atomic import describe_os_error, sweep_stale_temps, write_atomic
+from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import Probe
 
 DEFAULT_DIR = ".attn-cache"
 LOG_NAME = "extractions.log"
+MARKER = "CACHEDIR.TAG"  # the cache-directory tag: backup tools skip the directory, the harness knows it
+MARKER_TEXT = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This directory is an attn-harness extraction cache; attn-harness clears only its own entries.\n"
+)
+MARKER_LINE = "attn-harness extraction cache"
+ENTRY_PATTERN = re.compile(r"^[0-9a-f]{64}\.nc(\.lock)?$")
+KEY_ATTR = "attn_cache_key"
+
+
+class CacheEntryWarning(UserWarning):
+    """A cache entry could not be used (corrupt, or another key's data) and is extracted again."""
 
 
 def cache_key(fingerprint: str, probe: Probe, device: str, version: str = attn_harness.__version__, *,
@@ -35,13 +55,37 @@ def cache_key(fingerprint: str, probe: Probe, device: str, version: str = attn_h
 
 
 class ExtractionCache:
-    """Extractions stored as ``<key>.nc`` under ``directory``."""
+    """Extractions stored as ``<key>.nc`` under ``directory``, a directory the cache owns."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
 
     def path_for(self, key: str) -> Path:
         return self.directory / f"{key}.nc"
+
+    def is_marked(self) -> bool:
+        try:
+            return MARKER_LINE in (self.directory / MARKER).read_text(encoding="utf-8", errors="replace")[:1000]
+        except OSError:
+            return False
+
+    def prepare(self) -> None:
+        """Create the directory and its marker, or refuse a directory that is not a cache."""
+        directory = self.directory
+        if directory.exists() and not directory.is_dir():
+            raise HarnessError(f"cache directory {directory} is a file; pass --attn-cache a directory")
+        if self.is_marked():
+            return
+        try:
+            foreign = directory.is_dir() and any(directory.iterdir())
+        except OSError as err:
+            raise HarnessError(describe_os_error(err, directory, "read")) from None
+        if foreign:
+            raise HarnessError(
+                f"{directory} is not empty and is not an attn-harness cache (it has no {MARKER} written by "
+                "the harness); choose a new or empty directory for --attn-cache"
+            )
+        write_atomic(directory / MARKER, MARKER_TEXT.encode())
 
     def load_or_extract(self, model: str, probe: Probe, *, base_model: str | None = None) -> tuple[xr.Dataset, Path]:
         """The cached extraction of ``model`` under ``probe``, extracting (once) if absent."""
@@ -56,13 +100,34 @@ class ExtractionCache:
             inputs["prompt_embeds"] = file_sha256(Path(probe.prompt_embeds))
         key = cache_key(model_fingerprint(model), probe, device, inputs=inputs)
         path = self.path_for(key)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prepare()
         with FileLock(str(path) + ".lock"):
-            if not path.is_file():
+            ds = self._read(path, key)
+            if ds is None:
                 started = time.perf_counter()
-                store.write_dataset(extract(model, probe, progress=False, base_model=base_model), path)
+                fresh = extract(model, probe, progress=False, base_model=base_model)
+                store.write_dataset(fresh.assign_attrs({KEY_ATTR: key}), path)
                 self._log(key, model, time.perf_counter() - started)
-        return store.read_dataset(path), path
+                ds = store.read_dataset(path)  # what later runs read: one code path for both
+                ds.attrs.pop(KEY_ATTR, None)
+        return ds, path
+
+    def _read(self, path: Path, key: str) -> xr.Dataset | None:
+        """The entry at ``path`` if it is readable and holds ``key``'s data; None to extract again."""
+        if not path.is_file():
+            return None
+        try:
+            ds = store.read_dataset(path)
+        except HarnessError as err:
+            warnings.warn(CacheEntryWarning(f"cache entry {path} cannot be read ({str(err).splitlines()[0]}); "
+                                            "extracting it again"), stacklevel=3)
+            return None
+        found = ds.attrs.pop(KEY_ATTR, None)
+        if found != key:
+            warnings.warn(CacheEntryWarning(f"cache entry {path} holds data of another key ({found!r}); "
+                                            "extracting it again"), stacklevel=3)
+            return None
+        return ds
 
     def _log(self, key: str, model: str, seconds: float) -> None:
         line = json.dumps({"key": key, "model": model, "pid": os.getpid(), "seconds": round(seconds, 3)})
@@ -76,6 +141,29 @@ class ExtractionCache:
             return []
         return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
 
-    def clear(self) -> None:
-        if self.directory.is_dir():
-            shutil.rmtree(self.directory)
+    def clear(self) -> list[Path]:
+        """Remove the cache's own entries (never anything else); return what was removed.
+
+        A directory without the harness's marker is refused unless it is empty or absent.
+        """
+        directory = self.directory
+        if not directory.exists():
+            return []
+        if not directory.is_dir():
+            raise HarnessError(f"cache directory {directory} is a file; pass --attn-cache a directory")
+        if not self.is_marked():
+            if any(directory.iterdir()):
+                raise HarnessError(
+                    f"refusing to clear {directory}: it is not an attn-harness cache (no {MARKER} written by the "
+                    "harness), so its files are not the harness's to delete"
+                )
+            return []
+        removed = sweep_stale_temps(directory)
+        for entry in directory.iterdir():
+            if (ENTRY_PATTERN.match(entry.name) or entry.name == LOG_NAME) and entry.is_file() and not entry.is_symlink():
+                try:
+                    entry.unlink()
+                    removed.append(entry)
+                except OSError as err:
+                    raise HarnessError(describe_os_error(err, entry, "remove")) from None
+        return removed
