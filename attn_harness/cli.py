@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -15,41 +15,64 @@ from pathlib import Path
 
 from attn_harness import __version__
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.probe import DTYPES, MASKS, MODES, Probe
+from attn_harness.core.probe import MASKS, PROBE_FIELDS, Probe, ProbeError
+from attn_harness.core.vocabulary import DEFAULT_STEP, REQUIRED, FieldError, parse_layers, parse_step, step_index
+
+EMBEDDED_NAMES = "tiny-random, tiny-trained, tiny-trained-causal"  # attn_harness.model.models.EMBEDDED
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default (where it has one worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default:" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if action.required or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def parse_int_list(text: str) -> list[int]:
-    """``"0-3,5"`` -> ``[0, 1, 2, 3, 5]`` (non-negative integers and inclusive ranges)."""
-    values: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not match:
-            raise HarnessError(f"{text!r} is not a list of integers or ranges like 0-3,5")
-        lo, hi = int(match[1]), int(match[2] or match[1])
-        values.extend(range(lo, hi + 1))
-    if not values:
-        raise HarnessError(f"{text!r} names no integers")
-    return values
+    """``"0-3,5"`` -> ``[0, 1, 2, 3, 5]``: the one layer-list parser (reversed ranges refused, duplicates dropped)."""
+    try:
+        found = parse_layers(text)
+    except ValueError as err:
+        raise HarnessError(f"{text!r} is not a list of integers or ranges like 0-3,5: {err}") from None
+    if found == "all":
+        raise HarnessError(f"{text!r}: give integers or ranges like 0-3,5 here, not 'all'")
+    return list(found)
 
 
 def _layers(text: str) -> str | tuple[int, ...]:
-    return "all" if text == "all" else tuple(parse_int_list(text))
+    try:
+        return parse_layers(text)
+    except ValueError as err:
+        raise HarnessError(f"--layers {text!r} is not a list of integers or ranges like 0-3,5: {err}") from None
 
 
-def _steps(text: str) -> tuple[int | str, ...]:
-    items: list[int | str] = []
-    for part in text.split(","):
-        part = part.strip()
-        items.extend([part] if part in ("first", "mid", "last") else parse_int_list(part))
-    return tuple(items)
-
-
-def _metrics(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+def _step(text: str) -> int | str:
+    try:
+        return parse_step(text)
+    except ValueError as err:
+        raise HarnessError(f"--step: {err}") from None
 
 
 def _query_frames(text: str) -> str | list[int]:
     return "last-block" if text == "last-block" else parse_int_list(text)
+
+
+def _flag(key: str) -> str:
+    return PROBE_FIELDS[key].flag or "--" + key.replace("_", "-")
+
+
+def _refuse_overwrite(out: Path, inputs: Sequence[str | os.PathLike | None], option: str = "--out") -> None:
+    """An output must never replace an input of the same command."""
+    for given in inputs:
+        if given is None or not Path(given).exists() or not out.exists():
+            continue
+        if os.path.samefile(out, given):
+            raise HarnessError(f"{option} {out} is an input of this command ({given}); write to another file")
 
 
 def _add_extract(sub) -> None:
@@ -57,75 +80,53 @@ def _add_extract(sub) -> None:
         "extract",
         help="run the sampler with capture and write a NetCDF extraction",
         description="Sample from a model with attention capture hooks and write frame x frame "
-        "statistics (logits, mass) per step, layer and head to a NetCDF file.",
+        "statistics (logits, mass) per step, layer and head to a NetCDF file. Every probe option "
+        "takes the values a spec's probe: key takes (specs/README.md).",
+        formatter_class=_Formatter,
     )
-    defaults = Probe()
     p.add_argument(
         "--model",
-        default="tiny-random",
-        help="embedded model name (tiny-random), a model dir (diffusers pipeline or transformer, original Wan), "
-        "or a training checkpoint file (.pt/.safetensors)",
+        required=True,
+        help=f"embedded model name ({EMBEDDED_NAMES}), a model dir (diffusers pipeline or transformer, "
+        "original Wan), or a training checkpoint file (.pt/.safetensors)",
     )
     p.add_argument("--base-model", default=None, help="model dir giving a training checkpoint its architecture and text encoder")
-    p.add_argument(
-        "--prompt-embeds",
-        default=None,
-        help="text embeddings file (.pt tensor [1, tokens, text_dim], or dict/.safetensors with prompt_embeds "
-        "and negative_prompt_embeds); replaces the text encoder",
-    )
-    p.add_argument(
-        "--mode",
-        choices=MODES,
-        default=Probe().mode,
-        help="teacher-forced: whole clip per step; rollout: block by block with a KV cache (needs --mask block-causal)",
-    )
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
-    p.add_argument("--layers", default="all", type=_layers, help="blocks to capture: all, or e.g. 0-3,5")
-    p.add_argument("--steps", default="first,mid,last", type=_steps, help="denoising steps to capture: first,mid,last or indices")
-    p.add_argument("--metrics", default="logits,mass", type=_metrics, help="logits, or logits,mass")
-    p.add_argument("--frames", type=int, default=None, help="pixel frames, 1 + 4k (default: the model's)")
-    p.add_argument("--height", type=int, default=None, help="pixel height, a multiple of 16 (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="pixel width, a multiple of 16 (default: the model's)")
-    p.add_argument("--sample-steps", type=int, default=defaults.sample_steps, help="denoising steps in the run")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="noise seed")
-    p.add_argument("--prompt", default=defaults.prompt, help="text prompt")
-    p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt for CFG")
-    p.add_argument("--guidance", type=float, default=defaults.guidance, help="CFG scale (<= 1 disables the unconditional pass)")
-    p.add_argument("--shift", type=float, default=defaults.shift, help="flow shift of the scheduler")
-    p.add_argument("--mask", choices=MASKS, default=defaults.mask, help="self-attention mask the model runs under")
-    p.add_argument("--block-size", type=int, default=defaults.block_size, help="latent frames per block (block-causal)")
-    p.add_argument("--branch", choices=("cond", "uncond"), default=defaults.branch, help="CFG branch to capture")
-    p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="model dtype (statistics are always float32)")
-    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--layers", default="all", help="blocks to capture: all, or e.g. 0-3,5")
+    for key, field_ in PROBE_FIELDS.items():
+        shown = ",".join(field_.default) if isinstance(field_.default, tuple) else field_.default_text()
+        default = "" if field_.default is REQUIRED or "default:" in field_.doc else f" (default: {shown})"
+        choices = f"; one of {', '.join(field_.choices)}" if field_.choices else ""
+        p.add_argument(_flag(key), dest=f"probe_{key}", default=None, metavar=key.upper(),
+                       help=f"{field_.doc}{choices}{default}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)
+
+
+def probe_from_args(args: argparse.Namespace) -> Probe:
+    """The probe the extract flags describe, validated by the vocabulary (flag named on error)."""
+    values = {}
+    for key, field_ in PROBE_FIELDS.items():
+        text = getattr(args, f"probe_{key}")
+        if text is None:
+            continue
+        try:
+            values[key] = field_.coerce(field_.parse_text(text), key)
+        except FieldError as err:
+            raise HarnessError(f"{_flag(key)} {text!r}: {err.message}") from None
+    try:
+        return Probe.from_keys(values, layers=_layers(args.layers))
+    except ProbeError as err:
+        flag = _flag(err.key) if err.key in PROBE_FIELDS else f"--{err.key}"
+        raise HarnessError(f"{flag}: {str(err).split(': ', 1)[1]}") from None
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from attn_harness.sampling.extract import extract
     from attn_harness.core.store import write_dataset
 
-    probe = Probe(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        num_frames=args.frames,
-        height=args.height,
-        width=args.width,
-        sample_steps=args.sample_steps,
-        capture_steps=args.steps,
-        layers=args.layers,
-        metrics=args.metrics,
-        guidance=args.guidance,
-        shift=args.shift,
-        mask=args.mask,
-        block_size=args.block_size,
-        dtype=args.dtype,
-        device=args.device,
-        branch=args.branch,
-        prompt_embeds=args.prompt_embeds,
-        mode=args.mode,
-    )
+    probe = probe_from_args(args)
+    _refuse_overwrite(args.out, [args.model, args.base_model, probe.prompt_embeds])
     start = time.perf_counter()
     ds = extract(args.model, probe, progress=None if not args.no_progress else False, base_model=args.base_model)
     path = write_dataset(ds, args.out)
@@ -140,10 +141,11 @@ def _add_import_legacy(sub) -> None:
         help="convert a seed-notebook .pt file to NetCDF",
         description="Import a .pt file written by the seed notebook's extractor (full_frame_attention "
         "[heads, T, T]); block-causal files are detected by zeros above the block diagonal.",
+        formatter_class=_Formatter,
     )
     p.add_argument("file", type=Path, help="the legacy .pt file")
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write")
-    p.add_argument("--mask", choices=("auto",) + MASKS, default="auto", help="mask of the file (default: detect)")
+    p.add_argument("--mask", choices=("auto",) + MASKS, default="auto", help="mask of the file (auto: detect)")
     p.set_defaults(func=cmd_import_legacy)
 
 
@@ -151,10 +153,15 @@ def cmd_import_legacy(args: argparse.Namespace) -> int:
     from attn_harness.model.legacy import import_legacy
     from attn_harness.core.store import write_dataset
 
+    _refuse_overwrite(args.out, [args.file])
     ds = import_legacy(args.file, mask=args.mask)
     path = write_dataset(ds, args.out)
     print(f"wrote {path}: layer {int(ds.layer[0])}, {ds.sizes['head']} heads, {ds.sizes['query_frame']} frames, mask {ds.attrs['mask']}")
     return 0
+
+
+STEP_HELP = ("denoising step: first (0), mid (sample_steps // 2), last (sample_steps - 1) or an index; "
+             "it must be a captured step")
 
 
 def _add_stats(sub) -> None:
@@ -163,36 +170,47 @@ def _add_stats(sub) -> None:
         help="print the seed notebook's statistics for one layer",
         description="Diagonal mean, first-frame mean and per-head first / mid / last / sink "
         "(sink = first - mid) of one layer's logits, in latent frames.",
+        formatter_class=_Formatter,
     )
     p.add_argument("file", type=Path, help="a NetCDF extraction")
     p.add_argument("--layer", type=int, required=True, help="block index")
-    p.add_argument("--step", type=int, default=None, help="denoising step index (default: the first captured)")
-    p.add_argument("--query-frames", type=_query_frames, default="last-block", help="e.g. 18,19,20, or last-block")
+    p.add_argument("--step", type=_step_arg, default=DEFAULT_STEP, help=STEP_HELP)
+    p.add_argument("--query-frames", type=str, default="last-block", help="e.g. 18,19,20, or last-block")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_stats)
 
 
-def select_layer(ds, layer: int, step: int | None, variable: str = "logits"):
-    """The seed's single-layer view (head, query_frame, key_frame), with clear errors."""
+def _step_arg(text: str) -> str:
+    return text  # validated by the command (one error line, exit 2), not by argparse
+
+
+def select_layer(ds, layer: int, step: int | str | None = DEFAULT_STEP, variable: str = "logits"):
+    """The seed's single-layer view (head, query_frame, key_frame) and the step it shows, with clear errors.
+
+    ``step`` is ``first``, ``mid``, ``last`` or an index (``attn_harness.core.vocabulary.step_index``).
+    """
     layers = [int(v) for v in ds["layer"].values]
     steps = [int(v) for v in ds["step"].values]
     if layer not in layers:
         raise HarnessError(f"layer {layer} is not in this extraction; it has layers {layers}")
-    step = steps[0] if step is None else step
-    if step not in steps:
-        raise HarnessError(f"step {step} is not in this extraction; it has steps {steps}")
+    selector = DEFAULT_STEP if step is None else _step(step) if isinstance(step, str) else step
+    chosen = step_index(selector, steps, ds.attrs.get("sample_steps"))
+    if chosen not in steps:
+        named = f" ({selector})" if isinstance(selector, str) else ""
+        raise HarnessError(f"step {chosen}{named} is not in this extraction; it has steps {steps}")
     if variable not in ds:
         raise HarnessError(f"variable {variable!r} is not in this extraction; it has {list(ds.data_vars)}")
-    return ds[variable].sel(step=step, layer=layer), step
+    return ds[variable].sel(step=chosen, layer=layer), chosen
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from attn_harness.core.metrics import default_query_frames, layer_summary
     from attn_harness.core.store import read_dataset
 
+    query_frames = _query_frames(args.query_frames)
     ds = read_dataset(args.file)
     da, step = select_layer(ds, args.layer, args.step)
-    query_frames = default_query_frames(ds) if args.query_frames == "last-block" else args.query_frames
+    query_frames = default_query_frames(ds) if query_frames == "last-block" else query_frames
     summary = layer_summary(da, query_frames)
     if args.json:
         print(json.dumps({"layer": args.layer, "step": step, **summary}))
@@ -218,10 +236,11 @@ def _add_plot(sub) -> None:
         description="Head grid (query x key frame) per metric, per-head bars of the query block "
         "with sink scores, the statistics table, the evolution across steps and the layer x head "
         "overview, as SVG (editable text) and PNG.",
+        formatter_class=_Formatter,
     )
     p.add_argument("file", type=Path, help="a NetCDF extraction")
     p.add_argument("--layer", type=int, required=True, help="block index")
-    p.add_argument("--step", type=int, default=None, help="denoising step index (default: the last captured)")
+    p.add_argument("--step", type=_step_arg, default=DEFAULT_STEP, help=STEP_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for the figures")
     p.add_argument("--pixel-frames", action="store_true", help="draw in pixel frames (causal-VAE mapping)")
     p.set_defaults(func=cmd_plot)
@@ -231,9 +250,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from attn_harness.report.figures import plot_layer
     from attn_harness.core.store import read_dataset
 
+    if args.out.exists() and not args.out.is_dir():
+        raise HarnessError(f"--out {args.out} is a file; give a directory for the figures")
     ds = read_dataset(args.file)
-    select_layer(ds, args.layer, args.step)
-    for path in plot_layer(ds, args.layer, args.step, args.out, pixel_frames=args.pixel_frames):
+    _, step = select_layer(ds, args.layer, args.step)
+    for path in plot_layer(ds, args.layer, step, args.out, pixel_frames=args.pixel_frames):
         print(path)
     return 0
 
@@ -245,14 +266,15 @@ def _add_compare(sub) -> None:
         description="Per layer A and B heatmaps with B - A on a symmetric scale, per-head deltas, "
         "a table of flips (sink sign, sink-head membership, diagonal dominance) and an overview "
         "of mean |B - A| per layer x head.",
+        formatter_class=_Formatter,
     )
     p.add_argument("a", type=Path, help="first extraction (.nc)")
     p.add_argument("b", type=Path, help="second extraction (.nc)")
     p.add_argument("--out", type=Path, default=Path("reports/compare.html"), help="HTML file to write")
     p.add_argument("--labels", default="A,B", help="two labels, comma-separated, e.g. base,distilled")
-    p.add_argument("--layers", type=parse_int_list, default=None, help="layers to compare (default: all shared)")
+    p.add_argument("--layers", default=None, help="layers to compare, e.g. 0-3,5 (default: all shared)")
     p.add_argument("--metric", choices=("logits", "mass"), default="logits", help="variable to compare")
-    p.add_argument("--step", default="last", help="first, mid, last or a step index for the per-layer grids")
+    p.add_argument("--step", type=_step_arg, default=DEFAULT_STEP, help=STEP_HELP + " (of A) for the per-layer grids")
     p.set_defaults(func=cmd_compare)
 
 
@@ -263,13 +285,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     labels = tuple(part.strip() for part in args.labels.split(","))
     if len(labels) != 2 or not all(labels):
         raise HarnessError(f"--labels needs two comma-separated names like base,distilled; got {args.labels!r}")
-    step = int(args.step) if args.step.isdigit() else args.step
+    layers = parse_int_list(args.layers) if args.layers is not None else None
+    selector = _step(args.step)
+    _refuse_overwrite(args.out, [args.a, args.b])
+    a = read_dataset(args.a)
+    steps = [int(v) for v in a["step"].values]
+    step = step_index(selector, steps, a.attrs.get("sample_steps"))
     out = render_compare(
-        read_dataset(args.a),
+        a,
         read_dataset(args.b),
         args.out,
         labels=labels,
-        layers=args.layers,
+        layers=layers,
         metric=args.metric,
         step=step,
         sources=(str(args.a), str(args.b)),
@@ -282,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attn-harness",
         description="Attention regression harness for video diffusion transformers (Wan2.1 family).",
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -294,12 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every user-facing failure is one line on stderr and exit code 2."""
+    from attn_harness.core.atomic import describe_os_error
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except HarnessError as err:
         print(f"attn-harness: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `attn-harness stats ... | head`: the reader has all it wants
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as err:
+        print(f"attn-harness: error: {describe_os_error(err, err.filename or 'a file', 'access')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("attn-harness: interrupted", file=sys.stderr)

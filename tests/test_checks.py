@@ -328,8 +328,14 @@ def test_selecting_a_head_that_does_not_exist_is_an_error():
         ("sink_score", {}, "needs at least one of sign, min, max"),
         ("sink_heads", {}, "missing required parameter 'expected'"),
         ("value_range", {"min": "low"}, "min: expected a number"),
-        ("value_range", {"mostly": 1.5}, r"mostly: must be in \(0, 1\]"),
+        ("value_range", {"mostly": 1.5}, r"mostly: must be <= 1; got 1.5"),
+        ("value_range", {"mostly": 0}, r"mostly: must be > 0; got 0"),
         ("diagonal_dominance", {"against": "median"}, "one of max, mean"),
+        ("value_range", {"min": float("nan")}, "min: must be a finite number; got nan"),
+        ("sink_score", {"max": float("inf")}, "max: must be a finite number; got inf"),
+        ("row_stochastic", {"tol": float("inf")}, "tol: must be a finite number"),
+        ("row_stochastic", {"tol": -1e-3}, "tol: must be >= 0"),
+        ("value_range", {"min": 2, "max": 1}, "min 2 is above max 1: nothing can pass"),
     ],
 )
 def test_bad_parameters_are_refused_with_what_was_expected(name, params, message):
@@ -337,9 +343,17 @@ def test_bad_parameters_are_refused_with_what_was_expected(name, params, message
         checks.normalize_params(name, params)
 
 
-def test_unknown_parameter_is_a_key_error_naming_it():
-    with pytest.raises(KeyError, match="margn"):
-        checks.normalize_params("diagonal_dominance", {"margn": 1})
+def test_every_bad_parameter_is_named_at_once_by_key():
+    with pytest.raises(ValueError) as info:
+        checks.normalize_params("diagonal_dominance", {"margn": 1, "mostly": float("nan"), "heads": ["x"]})
+    assert sorted(p.key for p in info.value.problems) == ["heads", "margn", "mostly"]
+    assert "margn: unknown key" in str(info.value)
+
+
+def test_a_scalar_is_accepted_where_a_one_element_list_is_meant():
+    params = checks.normalize_params("sink_heads", {"expected": 3, "heads": 0, "steps": "last", "query_frames": 5})
+    assert params["expected"] == (3,) and params["heads"] == (0,) and params["steps"] == ("last",)
+    assert params["query_frames"] == (5,)
 
 
 def test_every_property_documents_a_formula_and_its_parameters():

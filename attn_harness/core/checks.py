@@ -520,7 +520,10 @@ def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: in
     """Evaluate property ``name`` on ``ds`` (one layer of it when ``layer`` is given)."""
     if name not in PROPERTIES:
         raise HarnessError(f"unknown property {name!r}; known: {', '.join(PROPERTIES)}")
-    params = normalize_params(name, params)
+    try:
+        params = normalize_params(name, params)
+    except FieldErrors as err:
+        raise HarnessError(f"{name}: {err}") from None
     da = _select(ds, params, layer)
     ev = PROPERTIES[name].fn(da, params)
     passing = ev.units - ev.failing

@@ -353,7 +353,7 @@ def validate(fields: Mapping[str, Field], raw: Mapping[str, Any], *, fill_defaul
             except FieldError as err:
                 problems.append(err)
         elif field_.default is REQUIRED:
-            problems.append(FieldError(key, f"missing required parameter ({field_.doc})"))
+            problems.append(FieldError(key, f"missing required parameter '{key}' ({field_.doc})"))
         elif fill_defaults:
             out[key] = field_.default
     if problems:
