@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from attn_harness.core.atomic import atomic_path
+from attn_harness.core.atomic import write_atomic
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells
 from attn_harness.core.schema import DIMS, MASKS, REQUIRED_ATTRS, json_safe_attr
@@ -43,10 +43,12 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     out = _storable(ds)
     encoding = {name: dict(FLOAT_ENCODING) for name, var in out.data_vars.items() if var.dtype == np.float32}
     try:
-        with atomic_path(path) as tmp:
-            out.to_netcdf(tmp, engine=ENGINE, format="NETCDF4", encoding=encoding)
+        # Serialised in memory first: HDF5 keeps no handle on the target, so a full disk is one
+        # OSError from a plain write (no HDF5 errors at exit, no crash) and the temp goes away.
+        data = bytes(out.to_netcdf(engine=ENGINE, format="NETCDF4", encoding=encoding))
     except (OSError, TypeError, ValueError) as exc:
         raise HarnessError(f"could not write {path}: {exc}") from exc
+    write_atomic(path, data)
     return path
 
 
