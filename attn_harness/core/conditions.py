@@ -89,17 +89,20 @@ def parse(text: str) -> ast.Expression:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as err:
         raise ConditionError(f"not a valid condition at column {err.offset}: {text!r}") from None
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
     for node in ast.walk(tree):
-        _check_node(node)
+        _check_node(node, called)
     return tree
 
 
-def _check_node(node: ast.AST) -> None:
+def _check_node(node: ast.AST, called: set[int]) -> None:
     allowed = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.Compare, ast.Constant,
                ast.Name, ast.Load, ast.Call, ast.List, ast.Tuple, *_COMPARE)
     if not isinstance(node, allowed):
         raise ConditionError(f"{type(node).__name__} is not allowed in a condition; use names {', '.join(NAMES)}, "
                              "env(\"VAR\"), literals, comparisons, and/or/not")
+    if isinstance(node, ast.Name) and node.id == "env" and id(node) in called:
+        return
     if isinstance(node, ast.Name) and node.id not in (*NAMES, "none", "true", "false"):
         raise ConditionError(f"unknown name {node.id!r} in a condition; known: {', '.join(NAMES)}, none, true, false")
     if isinstance(node, ast.Call):
