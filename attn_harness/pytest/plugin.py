@@ -282,7 +282,10 @@ class SpecNode(pytest.Collector):
         self.add_marker(pytest.mark.skip(reason=f"spec {self.spec.name!r}: {reason}"))
 
     def _claim_baseline(self, state: _State, layer: int) -> None:
-        path = baseline_file(self.config.rootpath, self.spec, layer)
+        try:
+            path = baseline_file(self.config.rootpath, self.spec, layer)
+        except HarnessError as err:
+            raise self.CollectError(f"{self.spec.file}:{self.spec.baseline.line}: {err}") from None
         node = f"{self.nodeid}::layer{layer}"
         first = state.baseline_files.setdefault(path, node)
         if first != node:
