@@ -28,7 +28,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from safetensors.torch import load_file
 
-from attn_harness.core.errors import HarnessError
+from attn_harness.core.errors import HarnessError, load_failure
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -272,19 +272,21 @@ def select_generator(obj: object, where: Path) -> tuple[dict[str, torch.Tensor],
 
 def load_checkpoint_file(path: Path) -> object:
     """A ``.safetensors`` file as a dict, or a ``.pt`` file with torch's weights-only loader."""
-    if path.suffix == ".safetensors":
-        return load_file(path)
     try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several types for unreadable or unsafe pickles
+    except Exception as err:  # torch and safetensors raise several types for unreadable or unsafe files
         raise HarnessError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({type(err).__name__}: {str(err)[:200]}); "
-            "save the generator's state_dict (tensors only) with torch.save"
-        ) from err
+            load_failure(path, err, "training checkpoint") + "; save the generator's state_dict (tensors only)"
+        ) from None
 
 
 def read_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        state.update(load_file(path))
+        try:
+            state.update(load_file(path))
+        except Exception as err:  # safetensors raises its own error type for a corrupt header or data
+            raise HarnessError(load_failure(path, err, "safetensors weights file")) from None
     return state

@@ -123,7 +123,8 @@ def import_legacy(path: str | os.PathLike, mask: str = "auto") -> xr.Dataset:
 def _load(path: Path) -> dict:
     """``torch.load`` with ``weights_only=True``; every failure becomes a HarnessError."""
     if not path.is_file():
-        raise HarnessError(f"{path} does not exist; point import-legacy at a seed extractor's .pt file")
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise HarnessError(f"{path} {state}; point import-legacy at a seed extractor's .pt file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attn_harness.core.atomic import atomic_path
-from attn_harness.core.errors import HarnessError
+from attn_harness.core.errors import HarnessError, load_failure
 
 EMBEDS_KEY = "prompt_embeds"
 NEGATIVE_KEY = "negative_prompt_embeds"
@@ -53,8 +53,9 @@ class PromptEmbeds:
 
 def _check_embedding(tensor: object, where: str, text_dim: int | None) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3 or tensor.shape[0] != 1 or not tensor.is_floating_point():
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise HarnessError(f"{where}: expected a float tensor [1, tokens, text_dim]; got {shape}")
+        got = (f"a {str(tensor.dtype).replace('torch.', '')} tensor of shape {list(tensor.shape)}"
+               if isinstance(tensor, torch.Tensor) else type(tensor).__name__)
+        raise HarnessError(f"{where}: expected a float tensor [1, tokens, text_dim]; got {got}")
     if text_dim is not None and tensor.shape[2] != text_dim:
         raise HarnessError(f"{where}: text width {tensor.shape[2]} does not match the model's text_dim {text_dim}")
     return tensor.detach().float().cpu()
@@ -64,14 +65,15 @@ def load_prompt_embeds(path: str | Path, text_dim: int | None = None) -> PromptE
     """Read a ``--prompt-embeds`` file (``.pt`` tensor or dict, or ``.safetensors`` with named keys)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise HarnessError(f"{path}: prompt embeddings file not found")
-    if path.suffix == ".safetensors":
-        content: object = load_file(path)
-    else:
-        try:
+        state = "is a directory, not a prompt embeddings file" if path.is_dir() else "prompt embeddings file not found"
+        raise HarnessError(f"{path}: {state}")
+    try:
+        if path.suffix == ".safetensors":
+            content: object = load_file(path)
+        else:
             content = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for unreadable or unsafe pickles
-            raise HarnessError(f"{path}: not a weights-only torch file ({type(err).__name__}: {str(err)[:200]})") from err
+    except Exception as err:  # torch and safetensors raise several types for unreadable or unsafe files
+        raise HarnessError(load_failure(path, err, "prompt embeddings file")) from None
     if isinstance(content, torch.Tensor):
         return PromptEmbeds(_check_embedding(content, str(path), text_dim), None, str(path))
     if not isinstance(content, dict) or EMBEDS_KEY not in content:
