@@ -205,7 +205,7 @@ def test_row_stochastic_fails_on_negative_entry_even_if_row_sums_to_one():
 
 
 def test_row_stochastic_refuses_logits():
-    with pytest.raises(ValueError, match="mass only"):
+    with pytest.raises(HarnessError, match="mass only"):
         run(make_ds(structured_logits()), "row_stochastic", metric="logits")
 
 
@@ -327,7 +327,7 @@ def test_selecting_a_head_that_does_not_exist_is_an_error():
     [
         ("sink_score", {}, "needs at least one of sign, min, max"),
         ("sink_heads", {}, "missing required parameter 'expected'"),
-        ("value_range", {"min": "low"}, "min: expected a number"),
+        ("value_range", {"min": "low"}, "min: expected a finite number"),
         ("value_range", {"mostly": 1.5}, r"mostly: must be <= 1; got 1.5"),
         ("value_range", {"mostly": 0}, r"mostly: must be > 0; got 0"),
         ("diagonal_dominance", {"against": "median"}, "one of max, mean"),
@@ -363,3 +363,21 @@ def test_every_property_documents_a_formula_and_its_parameters():
     assert set(checks.PROPERTIES) >= {
         "value_range", "sink_score", "diagonal_dominance", "row_stochastic", "causal", "temporal_decay", "sink_heads"
     }
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("diagonal_dominance", {"query_frames": [50]}, r"query frames \[50\] are not in this data"),
+        ("temporal_decay", {"min_distance": 40}, "leave nothing to compare"),
+    ],
+)
+def test_selections_beyond_the_data_are_one_clear_error(name, params, message):
+    with pytest.raises(HarnessError, match=message):
+        run(make_ds(structured_logits()), name, **params)
+
+
+def test_temporal_decay_on_one_frame_is_an_error_not_a_vacuous_pass():
+    one_frame = make_ds(structured_logits()).isel(query_frame=[0], key_frame=[0])
+    with pytest.raises(HarnessError, match="fewer than two distances|leave nothing to compare"):
+        run(one_frame, "temporal_decay")

@@ -234,6 +234,7 @@ def sink_score(da: xr.DataArray, params: dict) -> Evaluation:
 def diagonal_dominance(da: xr.DataArray, params: dict) -> Evaluation:
     mask, block_size = _mask_of(da)
     if params["query_frames"]:
+        metrics._check_frames(da, params["query_frames"])
         da = da.sel(query_frame=list(params["query_frames"]))
     same = da["query_frame"] == da["key_frame"]
     diag = da.where(same).max("key_frame", skipna=True)
@@ -319,8 +320,15 @@ def _decay_profile(da: xr.DataArray, params: dict) -> xr.DataArray:
     da = _visible_only(da)
     if params["exclude_first"]:
         da = da.where((da["query_frame"] != 0) & (da["key_frame"] != 0))
-    top = int(distance.max()) if params["max_distance"] is None else params["max_distance"]
+    largest = int(distance.max())
+    top = largest if params["max_distance"] is None else min(params["max_distance"], largest)
     wanted = range(params["min_distance"], top + 1)
+    if len(wanted) < 2:
+        raise HarnessError(
+            f"temporal_decay: distances {params['min_distance']}..{top} leave nothing to compare "
+            f"(this data has {da.sizes['key_frame']} latent frames, distances 0..{largest}); "
+            "it needs more frames or a smaller min_distance"
+        )
     profile = [
         da.where(distance == d).mean("key_frame", skipna=True).mean("query_frame", skipna=True) for d in wanted
     ]
@@ -329,6 +337,9 @@ def _decay_profile(da: xr.DataArray, params: dict) -> xr.DataArray:
 
 def temporal_decay(da: xr.DataArray, params: dict) -> Evaluation:
     profile = _decay_profile(da, params)
+    if int(profile.notnull().any([d for d in profile.dims if d != "distance"]).sum()) < 2:
+        raise HarnessError("temporal_decay: fewer than two distances have visible cells (with exclude_first, "
+                           "frame 0 is left out), so nothing can be compared; use more frames")
     tol = params["tol"]
     farther = profile.isel(distance=slice(1, None))
     nearer = profile.isel(distance=slice(None, -1)).assign_coords(distance=farther["distance"].values)
