@@ -242,7 +242,7 @@ class _Noted(Exception):
 
 def _word(key: Any) -> str:
     """A key as written, cut short (keys are usually short strings)."""
-    return key if isinstance(key, str) and len(key) <= 60 else show(key, 60)
+    return key if isinstance(key, str) and len(key) <= 60 and key.isprintable() else show(key, 60)
 
 
 class _Ctx:
