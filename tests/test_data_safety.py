@@ -173,3 +173,13 @@ def test_a_valid_entry_of_another_key_is_not_trusted(warm_cache, tmp_path):
         again, _ = cache.load_or_extract("tiny-random", probe)
     assert int(again.attrs["seed"]) == 0 and int(other_ds.attrs["seed"]) == 1
     xr.testing.assert_allclose(again, ds, atol=1e-6, rtol=0)
+
+
+def test_a_directory_holding_only_cache_files_of_a_concurrent_worker_is_not_foreign(tmp_path):
+    """pytest -n 2: one worker may be mid-way through writing the marker when the other looks."""
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    (directory / f".{MARKER}.{os.getpid()}-{'d' * 32}{TEMP_SUFFIX}").write_text("half a marker")
+    (directory / f"{'e' * 64}.nc.lock").write_text("")
+    ExtractionCache(directory).prepare()
+    assert (directory / MARKER).is_file()

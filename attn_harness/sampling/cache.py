@@ -27,7 +27,7 @@ from filelock import FileLock
 
 import attn_harness
 from attn_harness.core import store
-from attn_harness.core.atomic import describe_os_error, sweep_stale_temps, write_atomic
+from attn_harness.core.atomic import TEMP_PATTERN, describe_os_error, sweep_stale_temps, write_atomic
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import Probe
 
@@ -41,6 +41,12 @@ MARKER_TEXT = (
 MARKER_LINE = "attn-harness extraction cache"
 ENTRY_PATTERN = re.compile(r"^[0-9a-f]{64}\.nc(\.lock)?$")
 KEY_ATTR = "attn_cache_key"
+
+
+def _ours(name: str) -> bool:
+    """A name the cache writes (entries, locks, log, marker, temps): a concurrent worker's
+    files never make a fresh directory look foreign."""
+    return bool(ENTRY_PATTERN.match(name) or name in (LOG_NAME, MARKER) or TEMP_PATTERN.match(name))
 
 
 class CacheEntryWarning(UserWarning):
@@ -77,7 +83,7 @@ class ExtractionCache:
         if self.is_marked():
             return
         try:
-            foreign = directory.is_dir() and any(directory.iterdir())
+            foreign = directory.is_dir() and any(not _ours(entry.name) for entry in directory.iterdir())
         except OSError as err:
             raise HarnessError(describe_os_error(err, directory, "read")) from None
         if foreign:
@@ -152,7 +158,7 @@ class ExtractionCache:
         if not directory.is_dir():
             raise HarnessError(f"cache directory {directory} is a file; pass --attn-cache a directory")
         if not self.is_marked():
-            if any(directory.iterdir()):
+            if any(not _ours(entry.name) for entry in directory.iterdir()):
                 raise HarnessError(
                     f"refusing to clear {directory}: it is not an attn-harness cache (no {MARKER} written by the "
                     "harness), so its files are not the harness's to delete"
