@@ -58,6 +58,7 @@ GPU_SPEC = """\
 RANDOM_SPEC = """\
   - name: random
     model: tiny-random
+    probe: {sample_steps: 2, capture_steps: [last]}
     layers:
       all:
         - row_stochastic
@@ -92,7 +93,7 @@ def project(tmp_path):
 
 @needs_cpu_build
 def test_a_warm_run_imports_no_torch_and_reports_the_cold_runs_verdicts(project):
-    (project.path / "specs" / "mini.yaml").write_text(SPEC + GPU_SPEC)
+    (project.path / "specs" / "mini.yaml").write_text(SPEC + RANDOM_SPEC + GPU_SPEC)
     project.run(cache="first")  # writes the missing baselines (those checks fail once)
     cold, cold_modules = project.run("--attn-results", "cold")  # fresh cache: extracts, compares with them
     warm, warm_modules = project.run("--attn-results", "warm")
@@ -102,7 +103,7 @@ def test_a_warm_run_imports_no_torch_and_reports_the_cold_runs_verdicts(project)
     statuses = [v[0] for v in project.verdicts("warm").values()]
     assert {"pass", "fail", "warn", "skip"} <= set(statuses)  # the comparison covers every kind of verdict
     assert statuses.count("pass") >= 10 and "1 failed" in warm.stdout and "1 failed" in cold.stdout
-    assert len(ExtractionCache(project.path / "cache").extractions()) == 1  # the warm run extracted nothing
+    assert len(ExtractionCache(project.path / "cache").extractions()) == 2  # the warm run extracted nothing
     assert "is marked gpu and no CUDA device is present" in warm.stdout + project.run("-rs")[0].stdout
 
 
@@ -136,24 +137,19 @@ def test_a_checkpoint_file_has_no_config_so_its_count_comes_from_its_weights(tmp
     assert models.num_layers(path) == 3
 
 
-def test_a_built_models_fingerprint_is_its_state_and_is_remembered_without_building(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTN_HARNESS_CACHE", str(tmp_path))
-    expected = models.state_fingerprint(models.build_tiny_random())
-    assert catalog.model_fingerprint("tiny-random", models.embedded_fingerprint) == expected
-
-    def must_not_build(name: str) -> str:
-        raise AssertionError(f"{name} was built again")
-
-    assert catalog.model_fingerprint("tiny-random", must_not_build) == expected
-    monkeypatch.setitem(catalog.TINY_CONFIG, "num_layers", 5)  # another architecture: another identity
-    with pytest.raises(AssertionError, match="built again"):
-        catalog.model_fingerprint("tiny-random", must_not_build)
+def test_a_built_models_identity_changes_with_what_decides_its_weights(monkeypatch):
+    identity = catalog.source_identity("tiny-random")
+    assert identity == catalog.built_identity("tiny-random") and f"torch {torch.__version__}" in identity
+    monkeypatch.setitem(catalog.TINY_CONFIG, "num_layers", 5)  # another architecture: another key
+    changed_config = catalog.source_identity("tiny-random")
+    monkeypatch.setattr(catalog, "TINY_SEED", 1)  # another seed: another key
+    assert len({identity, changed_config, catalog.source_identity("tiny-random")}) == 3
 
 
-def test_an_embedded_fixtures_fingerprint_is_its_weight_files_hash():
+def test_an_embedded_fixtures_identity_is_its_weight_files_fingerprint():
     files = catalog.weight_files("tiny-trained")
     assert [p.name for p in files] == ["diffusion_pytorch_model.safetensors"]
-    assert catalog.model_fingerprint("tiny-trained", lambda name: "unused") == models.load_model("tiny-trained").fingerprint
+    assert catalog.source_identity("tiny-trained") == models.load_model("tiny-trained").fingerprint
 
 
 def test_cpu_and_auto_on_a_cpu_build_resolve_without_torch_as_torch_would():

@@ -13,12 +13,11 @@ import hashlib
 import json
 import re
 from importlib.metadata import PackageNotFoundError, version
-from collections.abc import Callable
 from pathlib import Path
 
 import attn_harness
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.fingerprint import files_fingerprint, remembered
+from attn_harness.core.fingerprint import files_fingerprint
 from attn_harness.core.layout import detect_layout, read_json
 
 # The embedded tiny model: Wan's architecture (patch (1,2,2), q/k RMSNorm across heads, 3-D
@@ -98,14 +97,12 @@ def built_identity(name: str) -> str:
     return f"embedded:{name}|config {config}|seed {TINY_SEED}|{versions}|harness {attn_harness.__version__}"
 
 
-def model_fingerprint(source: str | Path, build_fingerprint: Callable[[str], str]) -> str:
-    """Content fingerprint of a source's weights: the sha256 of its weight files, or, for a
-    model built in process, ``build_fingerprint(name)`` (it needs torch) remembered on disk
-    under ``built_identity(name)``. Both are cached, so a warm lookup reads one JSON file."""
+def source_identity(source: str | Path) -> str:
+    """What identifies a source's weights in cache keys, without torch: the sha256 of its weight
+    files (what the dataset attrs record, remembered on disk), or ``built_identity`` for a model
+    built in process."""
     files = weight_files(source)
-    if files is not None:
-        return files_fingerprint(files)
-    return remembered(built_identity(str(source)), lambda: build_fingerprint(str(source)))
+    return files_fingerprint(files) if files is not None else built_identity(str(source))
 
 
 def _version(dist: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from filelock import FileLock
@@ -35,17 +35,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "attn-harness").expanduser()
 
 
-def remembered(key: str, compute: Callable[[], str]) -> str:
-    """The digest stored under ``key`` in ``fingerprints.json``, else ``compute()``, then stored.
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, computed once per (resolved path, size, mtime) and cached on disk.
 
-    Updated under a file lock and replaced atomically, so parallel test workers neither lose
-    entries nor see half a file; a read-only cache only costs recomputing next time.
+    The cache is ``fingerprints.json`` in ``cache_dir()``, updated under a file lock and
+    replaced atomically, so parallel test workers neither lose entries nor see half a file.
     """
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
     store = cache_dir() / FINGERPRINTS_FILE
     known = _read_fingerprints(store)
     if key in known:
         return known[key]
-    digest = compute()
+    digest = sha256_file(resolved)
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(store) + ".lock"):
@@ -53,15 +56,8 @@ def remembered(key: str, compute: Callable[[], str]) -> str:
             known[key] = digest
             write_atomic(store, json.dumps(known, indent=0, sort_keys=True).encode())
     except OSError:
-        pass
+        pass  # a read-only cache only costs rehashing next time
     return digest
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, computed once per (resolved path, size, mtime) and cached on disk."""
-    resolved = Path(path).resolve()
-    stat = resolved.stat()
-    return remembered(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}", lambda: sha256_file(resolved))
 
 
 def _read_fingerprints(store: Path) -> dict[str, str]:

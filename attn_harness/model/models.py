@@ -327,12 +327,13 @@ def load_model(
 
 def model_fingerprint(source: str | Path) -> str:
     """Content fingerprint of a model source's weights, as stored in dataset attrs (cached on disk)."""
-    return catalog.model_fingerprint(source, embedded_fingerprint)
+    if str(source) in EMBEDDED:
+        return _embedded_fingerprint(str(source))
+    return files_fingerprint(layouts.detect_layout(source).weight_files)
 
 
 @lru_cache(maxsize=None)
-def embedded_fingerprint(name: str) -> str:
-    """Fingerprint of an embedded model, computed by loading it (state bytes or weight files)."""
+def _embedded_fingerprint(name: str) -> str:
     return EMBEDDED[name]().fingerprint
 
 

@@ -1,9 +1,10 @@
 """On-disk cache of extractions, shared safely by concurrent pytest workers.
 
-Key: sha256 of the model's content fingerprint, the probe, the resolved device and the
-harness version, so a changed checkpoint, probe or harness never reuses stale data. The key
-is computed without torch (fingerprints are remembered on disk by path, size and mtime), so
-a warm run imports torch and diffusers only when an extraction actually has to run. A file
+Key: sha256 of the model's identity (the content fingerprint of its weight files; for a model
+built in process, its config, seed and library versions), the probe, the resolved device and
+the harness version, so a changed checkpoint, probe or harness never reuses stale data. The
+key is computed without torch (file fingerprints are remembered on disk by path, size and
+mtime), so a warm run imports torch and diffusers only when an extraction has to run. A file
 lock per key makes concurrent workers (``pytest -n 2``) extract once: the first takes the
 lock and extracts, the others wait and read the file. Every extraction appends one line to
 ``extractions.log`` in the cache directory (what the tests count).
@@ -47,12 +48,6 @@ def resolved_device(device: str) -> str:
     return str(resolve_device(device))
 
 
-def _built_fingerprint(name: str) -> str:
-    from attn_harness.model.models import embedded_fingerprint  # builds the model: torch
-
-    return embedded_fingerprint(name)
-
-
 class ExtractionCache:
     """Extractions stored as ``<key>.nc`` under ``directory``."""
 
@@ -67,10 +62,10 @@ class ExtractionCache:
         static facts, so a warm lookup imports neither torch nor diffusers."""
         inputs = {}
         if base_model:
-            inputs["base_model"] = catalog.model_fingerprint(base_model, _built_fingerprint)
+            inputs["base_model"] = catalog.source_identity(base_model)
         if probe.prompt_embeds:
             inputs["prompt_embeds"] = file_sha256(Path(probe.prompt_embeds))
-        return cache_key(catalog.model_fingerprint(model, _built_fingerprint), probe,
+        return cache_key(catalog.source_identity(model), probe,
                          resolved_device(probe.device), inputs=inputs)
 
     def load_or_extract(self, model: str, probe: Probe, *, base_model: str | None = None) -> tuple[xr.Dataset, Path]:
