@@ -65,8 +65,7 @@ class ExtractionCache:
             inputs["base_model"] = catalog.source_identity(base_model)
         if probe.prompt_embeds:
             inputs["prompt_embeds"] = file_sha256(Path(probe.prompt_embeds))
-        return cache_key(catalog.source_identity(model), probe,
-                         resolved_device(probe.device), inputs=inputs)
+        return cache_key(catalog.source_identity(model), probe, resolved_device(probe.device), inputs=inputs)
 
     def load_or_extract(self, model: str, probe: Probe, *, base_model: str | None = None) -> tuple[xr.Dataset, Path]:
         """The cached extraction of ``model`` under ``probe``, extracting (once) if absent."""
