@@ -216,13 +216,24 @@ class SpecFile(pytest.File):
 
 
 def _num_layers(source: str) -> int:
-    """How many transformer blocks the model has (to expand ``all``), without running it."""
+    """How many transformer blocks the model has (to expand ``all``), from its config without
+    torch; only a training checkpoint file (no config) is opened with torch."""
+    from attn_harness.core import catalog
+
+    known = catalog.num_layers(source)
+    if known is not None:
+        return known
     from attn_harness.model.models import num_layers
 
     return num_layers(source)
 
 
 def _cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch when its build has no CUDA."""
+    from attn_harness.core import catalog
+
+    if catalog.cuda_ruled_out():
+        return False
     import torch
 
     return torch.cuda.is_available()
@@ -313,9 +324,9 @@ class SpecNode(pytest.Collector):
 
 
 def _embedded_names() -> tuple[str, ...]:
-    from attn_harness.model import models
+    from attn_harness.core import catalog
 
-    return tuple(models.EMBEDDED)
+    return catalog.EMBEDDED_NAMES
 
 
 def baseline_file(root: Path, spec: Spec, layer: int | str) -> Path:
