@@ -310,7 +310,7 @@ class SpecNode(pytest.Collector):
             if mark.name in ("gpu", "slow"):
                 self.add_marker(getattr(pytest.mark, mark.name))
                 if mark.name == "gpu" and not _cuda_available():
-                    self._unavailable("marked gpu and no CUDA device is present (torch.cuda.is_available() is False)",
+                    self._unavailable("it is marked gpu and no CUDA device is present (torch.cuda.is_available() is False)",
                                       strict)
             elif mark.name == "skipif":
                 try:
