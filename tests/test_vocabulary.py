@@ -80,6 +80,8 @@ def test_every_probe_field_is_a_cli_flag_and_a_probe_attribute():
         (Field("choices", (), choices=("logits", "mass")), "logits", ("logits",)),
         (Field("layers", "all"), "0-2, 1", (0, 1, 2)),
         (Field("int", None), None, None),
+        (Field("numbers", None, low=0, high=1000), [1000, 750.5], (1000.0, 750.5)),
+        (Field("numbers", None, low=0, high=1000), 250, (250.0,)),
     ],
 )
 def test_values_are_coerced_to_canonical_form(field_, value, canonical):
@@ -98,6 +100,8 @@ def test_values_are_coerced_to_canonical_form(field_, value, canonical):
         (Field("heads", "all"), [], "expected 'all', a head index"),
         (Field("str", ""), "x" * 10_001, "expected a string"),
         (Field("device", "auto"), "cuda:x", "expected auto, cpu, mps, cuda or cuda:N"),
+        (Field("numbers", None, high=1000), [500, math.nan], "must be a finite number; got nan"),
+        (Field("numbers", None, high=1000), [5000], "must be <= 1000; got 5000"),
     ],
 )
 def test_bad_values_name_what_was_expected(field_, value, message):

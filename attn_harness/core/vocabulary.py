@@ -144,7 +144,7 @@ class Field:
     Kinds: ``str``, ``int``, ``number`` (finite), ``bool``, ``choice``, ``device``,
     ``choices`` (a list of choices), ``int_list``, ``frames``, ``heads`` ('all' or indices),
     ``steps`` ('all' or indices with first/mid/last), ``capture_steps`` (indices or
-    first/mid/last), ``layers``. ``low``/``high`` bound numbers and list entries inclusively;
+    first/mid/last), ``layers``, ``numbers`` (finite numbers, each within the bounds). ``low``/``high`` bound numbers and list entries inclusively;
     ``above`` is an exclusive lower bound.
     """
 
@@ -202,6 +202,11 @@ class Field:
         kind = self.kind
         if kind in ("heads", "steps") and value == "all":
             return "all"
+        if kind == "numbers":  # finite numbers within the bounds, e.g. timesteps
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if not values or not all(is_number(v) for v in values):
+                return None
+            return tuple(float(self._bounded(v)) for v in values)
         if kind not in ("choices", "int_list", "frames", "heads", "steps", "capture_steps"):
             return None
         if not isinstance(value, (list, tuple)):
@@ -237,6 +242,11 @@ class Field:
                 return text
         if kind == "bool":
             return {"true": True, "false": False}.get(text.lower(), text)
+        if kind == "numbers":
+            try:
+                return [float(p) for p in text.split(",") if p.strip()]
+            except ValueError:
+                return text
         if kind in ("choices", "int_list", "frames", "heads", "steps", "capture_steps"):
             if text == "all":
                 return text
@@ -259,6 +269,7 @@ class Field:
             "steps": "'all', a step index, first, mid, last, or a list of them",
             "capture_steps": "a step index, first, mid, last, or a list of them",
             "layers": "'all', a layer index, a range like 0-29 or a list",
+            "numbers": "a finite number or a list of them",
         }[self.kind]
         bounds = self.bounds_text()
         return what + (f" ({bounds})" if bounds else "") + (" or null" if self.default is None else "")
@@ -310,6 +321,9 @@ class Field:
             schema = {"enum": list(self.choices)}
         elif kind == "device":
             schema = {"type": "string", "pattern": DEVICE_PATTERN.pattern}
+        elif kind == "numbers":
+            item_schema = {"type": "number", **bounds}
+            schema = {"oneOf": [item_schema, {"type": "array", "items": item_schema, "minItems": 1}]}
         elif kind == "layers":
             schema = {"oneOf": [{"type": "integer", "minimum": 0, "maximum": MAX_LAYER}, {"type": "string"},
                                 {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": MAX_LAYER}}]}
