@@ -143,7 +143,7 @@ def _add_import_legacy(sub) -> None:
     )
     p.add_argument("file", type=Path, help="the legacy .pt file")
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write")
-    p.add_argument("--mask", choices=("auto",) + MASKS, default="auto", help="mask of the file (default: detect)")
+    p.add_argument("--mask", choices=("auto", "bidirectional", "block-causal"), default="auto", help="mask of the file (default: detect)")
     p.set_defaults(func=cmd_import_legacy)
 
 

@@ -45,8 +45,9 @@ class ExtractionCache:
 
     def load_or_extract(self, model: str, probe: Probe, *, base_model: str | None = None) -> tuple[xr.Dataset, Path]:
         """The cached extraction of ``model`` under ``probe``, extracting (once) if absent."""
-        from attn_harness.sampling.extract import extract, resolve_device  # torch: only when data is needed
+        from attn_harness.sampling.extract import extract  # torch: only when data is needed
         from attn_harness.model.models import file_sha256, model_fingerprint
+        from attn_harness.sampling.run import resolve_device
 
         device = str(resolve_device(probe.device))
         inputs = {}
