@@ -43,6 +43,7 @@ class Tolerance:
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "logits": Tolerance(atol=1e-4, rtol=1e-4),
     "mass": Tolerance(atol=1e-5, rtol=1e-4),
+    "text_mass": Tolerance(atol=1e-5, rtol=1e-4),  # a probability, like mass
 }
 
 
@@ -281,7 +282,7 @@ PROBE_KEYS: dict[str, tuple[str, str]] = {
     "capture_timesteps": ("capture_timesteps", "number_list"),
 }
 SPEC_KEYS = ("name", "description", "model", "base_model", "probe", "layers", "baseline", "marks")
-BASELINE_KEYS = ("file", "layers", "logits", "mass")
+BASELINE_KEYS = ("file", "layers", "logits", "mass", "text_mass")
 
 
 def parse_layers(value: Any) -> str | tuple[int, ...]:
