@@ -16,6 +16,7 @@ from pathlib import Path
 from attn_harness import __version__
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import DTYPES, MASKS, MODES, Probe
+from attn_harness.core.schema import LEGACY_MASKS
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -164,7 +165,7 @@ def _add_import_legacy(sub) -> None:
     )
     p.add_argument("file", type=Path, help="the legacy .pt file")
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write")
-    p.add_argument("--mask", choices=("auto", "bidirectional", "block-causal"), default="auto", help="mask of the file (default: detect)")
+    p.add_argument("--mask", choices=("auto",) + LEGACY_MASKS, default="auto", help="mask of the file (default: detect)")
     p.set_defaults(func=cmd_import_legacy)
 
 

@@ -17,6 +17,8 @@ import xarray as xr
 
 from attn_harness.core.frames import MASKS  # noqa: F401  (the contract's masks, re-exported)
 
+LEGACY_MASKS: tuple[str, ...] = ("bidirectional", "block-causal")  # what the seed notebook's files can hold
+
 SCHEMA_VERSION = 1
 DIMS: tuple[str, ...] = ("step", "layer", "head", "query_frame", "key_frame")
 METRICS: tuple[str, ...] = ("logits", "mass")

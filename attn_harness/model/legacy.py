@@ -27,7 +27,7 @@ from attn_harness.core.errors import HarnessError
 from attn_harness.core.fingerprint import sha256_file
 from attn_harness.core.frames import block_causal_mask
 from attn_harness.core.metrics import default_query_frames
-from attn_harness.core.schema import build_dataset
+from attn_harness.core.schema import LEGACY_MASKS, build_dataset
 from attn_harness.core.store import validate
 
 REQUIRED_KEYS: tuple[str, ...] = (
@@ -40,7 +40,6 @@ REQUIRED_KEYS: tuple[str, ...] = (
     "prompt",
     "is_logits",
 )
-LEGACY_MASKS = ("bidirectional", "block-causal")  # the seed extractor knows these two
 DEFAULT_BLOCK_SIZE = 3  # the seed's autoregressive models use blocks of 3 latent frames
 DEFAULT_TEMPORAL_STRIDE = 4  # Wan's causal VAE: latent t >= 1 <- pixel frames 4t-3 .. 4t
 UNKNOWN = "unknown"
