@@ -86,12 +86,14 @@ def build_dataset(
     attrs: Mapping[str, Any],
     text_mass: np.ndarray | None = None,
     text_content: Sequence[bool] | None = None,
+    text_strings: Sequence[str] | None = None,
 ) -> xr.Dataset:
     """Assemble arrays shaped ``(step, layer, head, query_frame, key_frame)`` into the contract.
 
     ``text_mass`` (optional) is shaped ``(step, layer, head, query_frame, text_token)``: the
     cross-attention mass of each query frame on each text token; ``text_content`` marks the
-    tokens that carry the prompt (1) rather than padding (0), stored as an int8 coordinate.
+    tokens that carry the prompt (1) rather than padding (0), stored as an int8 coordinate;
+    ``text_strings`` (the token strings, where a tokenizer is known) become ``text_token_string``.
     """
     unknown = set(variables) - set(METRICS)
     if unknown:
@@ -113,6 +115,8 @@ def build_dataset(
         coords["text_token"] = np.arange(tokens, dtype=np.int64)
         content = np.ones(tokens, dtype=np.int8) if text_content is None else np.asarray(text_content, dtype=np.int8)
         coords["text_content"] = ("text_token", content)
+        if text_strings is not None:
+            coords["text_token_string"] = ("text_token", np.asarray(list(text_strings), dtype=str))
     ds = xr.Dataset(data_vars, coords=coords)
     ds["logits"].attrs["long_name"] = "block-mean pre-softmax attention logit"
     if "mass" in ds:

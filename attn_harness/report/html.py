@@ -180,7 +180,9 @@ def _text_figure(ds: xr.Dataset, step: int) -> dict:
     layer = int(ds["layer"].values[-1])
     caption = f"Text cross-attention: mass per query frame and text token (layer {layer}, step {step})"
     view = ds["text_mass"].sel(step=step, layer=layer)
-    return {"caption": caption, "uri": figures.png_data_uri(figures.text_mass_grid(view, title=caption), dpi=PNG_DPI, tight=False)}
+    labels = list(view["text_token_string"].values) if "text_token_string" in view.coords else None
+    grid = figures.text_mass_grid(view, title=caption, token_labels=labels)
+    return {"caption": caption, "uri": figures.png_data_uri(grid, dpi=PNG_DPI, tight=False)}
 
 
 def _location(item: Mapping) -> str:

@@ -16,7 +16,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from attn_harness.core.probe import Probe
-from attn_harness.model.capture import Recorder, capture
+from attn_harness.model.capture import TEXT_METRIC, Recorder, capture
 from attn_harness.model.models import LoadedModel, load_model
 from attn_harness.sampling.rollout import extract_rollout
 from attn_harness.sampling.run import (
@@ -29,6 +29,7 @@ from attn_harness.sampling.run import (
     records_to_dataset,
     resolve_device,
     run_attrs,
+    token_strings,
 )
 from attn_harness.sampling.samplers import make_sampler
 
@@ -89,4 +90,5 @@ def extract(
         attrs=run_attrs(setup),
         text_records={key: value[0] for key, value in recorder.text_records.items()},
         text_content=content_tokens(setup.cond if probe.branch == "cond" else setup.uncond),
+        text_strings=token_strings(setup) if TEXT_METRIC in probe.metrics else None,
     )

@@ -57,6 +57,7 @@ from attn_harness.sampling.run import (
     prepare_run,
     records_to_dataset,
     run_attrs,
+    token_strings,
 )
 from attn_harness.sampling.samplers import make_sampler
 
@@ -292,6 +293,7 @@ def extract_rollout(loaded: LoadedModel, probe: Probe, *, progress: bool | None 
         attrs=attrs,
         text_records=result.text_records,
         text_content=content_tokens(setup.cond if probe.branch == "cond" else setup.uncond),
+        text_strings=token_strings(setup) if TEXT_METRIC in probe.metrics else None,
     )
     block_of = ds["query_frame"].values // probe.block_size
     return ds.assign_coords(query_block=("query_frame", block_of.astype(np.int64)))

@@ -245,11 +245,13 @@ def records_to_dataset(
     attrs: dict,
     text_records: Mapping[tuple[int, int], torch.Tensor] | None = None,
     text_content: Sequence[bool] | None = None,
+    text_strings: Sequence[str] | None = None,
 ) -> xr.Dataset:
     """Captured ``(step, layer) -> {metric: [head, query_frame, key_frame]}`` as the contract's Dataset.
 
     ``text_records`` (``(step, layer) -> [head, query_frame, text_token]``) become ``text_mass``,
-    with ``text_content`` (which text tokens carry the prompt, not padding) as a coordinate.
+    with ``text_content`` (which text tokens carry the prompt, not padding) and ``text_strings``
+    (the token strings, where known) as coordinates.
     The default query frames (the seed's "last block") are recorded in the attrs.
     """
     variables = {
@@ -260,9 +262,18 @@ def records_to_dataset(
     if text_records:
         text = np.stack([np.stack([text_records[(s, layer)].numpy() for layer in layers]) for s in steps])
     ds = build_dataset(variables, steps=steps, timesteps=timesteps, layers=layers, attrs=attrs,
-                       text_mass=text, text_content=text_content)
+                       text_mass=text, text_content=text_content, text_strings=text_strings)
     ds.attrs["query_frames"] = default_query_frames(ds)
     return ds
+
+
+def token_strings(setup: RunSetup) -> list[str] | None:
+    """The captured branch's token strings where the model's text encoder has a tokenizer (else None;
+    also None when the embeddings come from a file, whose tokens are unknown)."""
+    strings_of = getattr(setup.loaded.encode_prompt, "token_strings", None)
+    if strings_of is None or setup.probe.prompt_embeds:
+        return None
+    return strings_of(setup.probe.prompt if setup.probe.branch == "cond" else setup.probe.negative_prompt)
 
 
 def content_tokens(embedding: torch.Tensor) -> list[bool]:
