@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import e2e, overhead, scaling, seed_method
+from benchmarks import e2e, logits_cpu, overhead, scaling, seed_method
 from benchmarks.shapes import EMBEDDED, MID, MID_QUICK, SMOKE, WAN_1_3B, Shape
 from benchmarks.timing import environment
 
-SECTIONS = ("overhead", "seed-method", "scaling", "e2e", "kernels")
+SECTIONS = ("overhead", "seed-method", "scaling", "e2e", "logits-cpu", "kernels")
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,13 @@ class Profile:
     scaling_tokens_per_frame: int
     logits_frames: tuple[int, ...]
     e2e_reps: int
+    logits_cpu_tokens: tuple[int, ...] = (7800, 32760)
 
 
 PROFILES = {
     "full": Profile(5, 1, (EMBEDDED, MID), (1560, 3120, 4680, 7800), (1560, 3120, 4680, 7800), 1560, (2, 3, 4, 5), 1560, (3, 6, 12, 21), 5),
     "quick": Profile(5, 1, (EMBEDDED, MID_QUICK), (1560, 3120), (1560, 7800), 1560, (1, 2, 3, 4), 780, (3, 6, 12, 21), 1),
-    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0),
+    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0, (16, 32)),
 }
 
 
@@ -66,6 +67,9 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
         records += scaling.run(list(profile.scaling_frames), profile.scaling_tokens_per_frame, reps=profile.reps, warmup=profile.warmup, env=env)
         log(f"[scaling] logits alone on {profile.logits_frames} frames of {profile.scaling_tokens_per_frame} tokens")
         records += scaling.run_logits_wide(list(profile.logits_frames), profile.scaling_tokens_per_frame, reps=profile.reps, warmup=profile.warmup, env=env)
+    if "logits-cpu" in sections:
+        log(f"[logits-cpu] per-frame sums vs float32 copies at {profile.logits_cpu_tokens} tokens")
+        records += logits_cpu.run(list(profile.logits_cpu_tokens), profile.seed_tokens_per_frame, reps=profile.reps, warmup=profile.warmup, env=env)
     if "kernels" in sections:
         if device.startswith("cuda"):
             from benchmarks import kernels_gpu  # imports Triton
