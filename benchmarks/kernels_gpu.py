@@ -21,7 +21,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attn_harness.core.frames import block_causal_mask
 from attn_harness.model.capture import (
     CaptureProcessor, Recorder, _mass, _take, _token_index, frame_stats, mask_groups, processors_installed,
 )
@@ -36,6 +35,16 @@ SWEEP = (
     TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 2), TileConfig(128, 64, 8, 2),
     TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 2), TileConfig(64, 128, 4, 2),
 )
+
+
+def block_causal_mask(frames: int, block_frames: int) -> torch.Tensor:
+    """Bool [query_frame, key_frame]: blocks of ``block_frames`` see themselves and earlier blocks.
+
+    The same mask as ``attn_harness.core.frames.block_causal_mask``, built here because that
+    module needs xarray, which the GPU machine's wheel set (``fetch_wheels.sh``) does not carry.
+    """
+    block = torch.arange(frames) // block_frames
+    return block[None, :] <= block[:, None]
 
 
 def _qkv(tokens: int, heads: int, device: str, seed: int = 0) -> list[torch.Tensor]:
@@ -70,7 +79,7 @@ def _peak_extra(call: Callable[[], object], device: str) -> int:
 
 def layer_cases(q, k, v, device: str) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
     """The per-layer calls, and why a one-pass case is missing (no logsumexp op gives the stock output)."""
-    causal = torch.from_numpy(block_causal_mask(FRAMES, BLOCK_FRAMES)).to(device)
+    causal = block_causal_mask(FRAMES, BLOCK_FRAMES).to(device)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     cases: dict[str, Callable[[], object]] = {
         "attention": lambda: F.scaled_dot_product_attention(qt, kt, vt),
@@ -96,7 +105,7 @@ def errors(device: str) -> list[dict]:
     q, k, v = _qkv(frames * TPF, heads, device, seed=1)
     scores = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) / math.sqrt(HEAD_DIM)
     out = []
-    for label, mask in (("bidirectional", None), ("block-causal", torch.from_numpy(block_causal_mask(frames, 2)).to(device))):
+    for label, mask in (("bidirectional", None), ("block-causal", block_causal_mask(frames, 2).to(device))):
         s = scores if mask is None else scores.masked_fill(~mask.repeat_interleave(TPF, 0).repeat_interleave(TPF, 1), float("-inf"))
         want = s.softmax(-1).unflatten(2, (frames, TPF)).unflatten(4, (frames, TPF)).sum(5).mean(3)
         lse = _masked_lse(q, k, v, mask)
@@ -215,7 +224,7 @@ def run_model(*, reps: int, warmup: int, env: dict, device: str) -> list[dict]:
     inputs = model_inputs(WAN_1_3B, dtype=torch.bfloat16, device=device)
     records = []
     params = {**WAN_1_3B.describe(), "dtype": "bfloat16"}
-    for label, mask in (("bidirectional", None), ("block-causal", torch.from_numpy(block_causal_mask(FRAMES, BLOCK_FRAMES)))):
+    for label, mask in (("bidirectional", None), ("block-causal", block_causal_mask(FRAMES, BLOCK_FRAMES))):
         samples = interleaved(model_cases(model, inputs, mask), reps=reps, warmup=warmup, device=device)
         records += timing_records("kernels-model", samples, "plain", env, params, prefix=f"kernels/model/{label}/")
     return records

@@ -7,14 +7,15 @@
   ``log2 l`` with ``l = sum_j 2^((s_ij - m) c)``, ``c = log2(e) / sqrt(d)`` (online softmax,
   without the P @ V product);
 * ``_mass_kernel``: given those row statistics (or the row logsumexp of the model's own
-  attention call), one pass over the keys summing ``p_ij = 2^((s_ij - m_i) c - log2 l_i)`` per
-  key frame, then over the query rows of the tile. Query tiles never straddle a query frame,
-  so every program writes one partial row ``[key_frames]``; the partials are summed in torch
+  attention call), one pass over the keys summing ``p_ij = 2^((s_ij - m_i) c - log2 l_i)``
+  per row over each key frame (key tiles are aligned to key frames), then over the query
+  rows of the tile once per key frame. Query tiles never straddle a query frame either, so
+  every program writes one partial row ``[key_frames]``; the partials are summed in torch
   (fixed order: deterministic).
 
 Frame masks: query frames that share a mask row form a group (one launch per group and per
 contiguous run of allowed key frames); keys outside the run are never read. The number of key
-tiles is a compile-time constant of each launch: Triton's CPU interpreter (numpy >= 2.4) fails
+tiles (and of key frames) is a compile-time constant of each launch: Triton's CPU interpreter (numpy >= 2.4) fails
 on loops with runtime bounds, and a constant trip count lets CI run the very same kernels.
 Numerics are argued in ``docs/kernels.md``.
 """
@@ -43,34 +44,39 @@ class TileConfig:
 
 
 @triton.jit
-def _load_rows(ptr, offs_row, row_ok, stride_row, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A [rows, BLOCK_D] tile; rows outside the range and columns past D read as 0."""
+def _load_rows(ptr, offs_row, row_ok, stride_row, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """A [rows, BLOCK_D] tile; rows outside the range (when MASK_ROWS) and columns past D read as 0."""
     ptrs = ptr + offs_row[:, None] * stride_row + offs_d[None, :]
-    if BLOCK_D == D:
-        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if MASK_ROWS:
+        mask = row_ok[:, None] & (offs_d[None, :] < D)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif BLOCK_D != D:
+        tile = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
 
 
 @triton.jit
 def _scores(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr,
             MASK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Raw scores q . k for the key tile at ``start`` (fp32 accumulation); keys >= key_hi get -inf."""
+    """Raw scores q . k for the key tile at ``start`` (fp32 accumulation); with MASK_N keys >= key_hi get -inf."""
     offs_n = start + offs_n0
     n_ok = offs_n < key_hi
-    k = _load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, D, BLOCK_D)
+    k = _load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, D, BLOCK_D, MASK_N)
     if UPCAST:  # exact: products of 16-bit floats are exact in float32
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
-    return s, offs_n
+    return s
 
 
 @triton.jit
 def _row_stats_tile(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, m, l, c,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):
-    s, _ = _scores(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, D, BLOCK_D, MASK_N, PRECISION, UPCAST)
+    s = _scores(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, D, BLOCK_D, MASK_N, PRECISION, UPCAST)
     m_new = tl.maximum(m, tl.max(s, 1))
     p = tl.exp2((s - m_new[:, None]) * c)
     l = l * tl.exp2((m - m_new) * c) + tl.sum(p, 1)
@@ -96,7 +102,7 @@ def _row_stats_kernel(
     rows = frame * TPF + offs_in_frame
     offs_d = tl.arange(0, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    q = _load_rows(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, offs_d, D, BLOCK_D)
+    q = _load_rows(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, offs_d, D, BLOCK_D, True)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
@@ -114,37 +120,29 @@ def _row_stats_kernel(
 
 
 @triton.jit
-def _mass_tile(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, shift, log2l, c, acc, frames,
-               TPF: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, TWO_FRAMES: tl.constexpr,
-               MASK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    s, offs_n = _scores(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, D, BLOCK_D, MASK_N, PRECISION, UPCAST)
-    p = tl.exp2(tl.fma(s - shift[:, None], c, -log2l[:, None]))
-    col = tl.sum(p, 0)
-    key_frame = offs_n // TPF
-    if TWO_FRAMES:  # a key tile no longer than a frame touches at most two frames
-        first = start // TPF
-        in_first = key_frame == first
-        s_first = tl.sum(tl.where(in_first, col, 0.0), 0)
-        s_next = tl.sum(tl.where(in_first, 0.0, col), 0)
-        acc += tl.where(frames == first, s_first, 0.0) + tl.where(frames == first + 1, s_next, 0.0)
-    else:
-        acc += tl.sum(tl.where(key_frame[:, None] == frames[None, :], col[:, None], 0.0), 0)
-    return acc
+def _row_mass_tile(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, shift, log2l, c,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """Each row's probability summed over the key tile at ``start`` (all in one key frame)."""
+    s = _scores(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, D, BLOCK_D, MASK_N, PRECISION, UPCAST)
+    return tl.sum(tl.exp2(tl.fma(s - shift[:, None], c, -log2l[:, None])), 1)
 
 
 @triton.jit
 def _mass_kernel(
     q_ptr, k_ptr, shift_ptr, log2l_ptr, part_ptr, qframes_ptr,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-    heads, tokens, key_lo, key_hi, c,
+    heads, tokens, key_frame_lo, c,
     TPF: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    F_PAD: tl.constexpr, FULL_TILES: tl.constexpr, TAIL: tl.constexpr, TWO_FRAMES: tl.constexpr,
+    F_PAD: tl.constexpr, RUN_FRAMES: tl.constexpr, FULL_TILES: tl.constexpr, TAIL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per (query tile, key frame): the probability summed over the tile's rows and the frame's keys.
 
     Row i's probabilities are ``2^((s_ij - shift_i) c - log2l_i)``; rows past the frame have
-    ``log2l = +inf`` and contribute 0. Writes ``part[bh, slot, tile, :]``.
+    ``log2l = +inf`` and contribute 0. Key tiles are aligned to key frames (FULL_TILES whole
+    tiles and a masked TAIL per frame), so each row sums its own frame total within its warp
+    and rows are reduced once per key frame. Writes ``part[bh, slot, tile, :]``.
     """
     tile = tl.program_id(0)
     slot = tl.program_id(1)
@@ -158,7 +156,7 @@ def _mass_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
     frames = tl.arange(0, F_PAD)
-    q = _load_rows(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, offs_d, D, BLOCK_D)
+    q = _load_rows(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qn, offs_d, D, BLOCK_D, True)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
@@ -166,12 +164,17 @@ def _mass_kernel(
     shift = tl.load(shift_ptr + stats, mask=row_ok, other=0.0)
     log2l = tl.load(log2l_ptr + stats, mask=row_ok, other=float("inf"))
     acc = tl.zeros([F_PAD], tl.float32)
-    for t in range(FULL_TILES):
-        acc = _mass_tile(q, k_base, stride_kn, key_lo + t * BLOCK_N, key_hi, offs_n0, offs_d, shift, log2l, c, acc,
-                         frames, TPF, D, BLOCK_D, TWO_FRAMES, False, PRECISION, UPCAST)
-    if TAIL:
-        acc = _mass_tile(q, k_base, stride_kn, key_lo + FULL_TILES * BLOCK_N, key_hi, offs_n0, offs_d, shift, log2l,
-                         c, acc, frames, TPF, D, BLOCK_D, TWO_FRAMES, True, PRECISION, UPCAST)
+    for f in range(RUN_FRAMES):
+        key_frame = key_frame_lo + f
+        start = key_frame * TPF
+        per_row = tl.zeros([BLOCK_M], tl.float32)
+        for t in range(FULL_TILES):
+            per_row += _row_mass_tile(q, k_base, stride_kn, start + t * BLOCK_N, start + TPF, offs_n0, offs_d, shift,
+                                      log2l, c, D, BLOCK_D, False, PRECISION, UPCAST)
+        if TAIL:
+            per_row += _row_mass_tile(q, k_base, stride_kn, start + FULL_TILES * BLOCK_N, start + TPF, offs_n0, offs_d,
+                                      shift, log2l, c, D, BLOCK_D, True, PRECISION, UPCAST)
+        acc += tl.where(frames == key_frame, tl.sum(per_row, 0), 0.0)
     tiles = tl.num_programs(0)
     out = ((bh.to(tl.int64) * tl.num_programs(1) + slot) * tiles + tile) * F_PAD + frames
     tl.store(part_ptr + out, acc)
@@ -302,10 +305,13 @@ def frame_mass(
         total = torch.zeros(batch * heads, len(query_list), f_pad, dtype=torch.float32, device=device)
         for run in key_runs:
             part = torch.empty(batch * heads, grid[1], grid[0], f_pad, dtype=torch.float32, device=device)
-            meta, lo, hi = launch.common(run)
+            block_n = min(launch.block_n, _pow2(tokens_per_frame, 16))  # key tiles never cross a key frame
             _mass_kernel[grid](
-                q, k, shift, log2l, part, query_frames, *launch.strides(), heads, tokens, lo, hi, launch.c,
-                F_PAD=f_pad, TWO_FRAMES=launch.block_n <= tokens_per_frame, **meta,
+                q, k, shift, log2l, part, query_frames, *launch.strides(), heads, tokens, run[0], launch.c,
+                TPF=tokens_per_frame, D=head_dim, BLOCK_M=launch.block_m, BLOCK_N=block_n, BLOCK_D=launch.block_d,
+                F_PAD=f_pad, RUN_FRAMES=run[1] - run[0], FULL_TILES=tokens_per_frame // block_n,
+                TAIL=tokens_per_frame % block_n != 0, PRECISION=launch.precision, UPCAST=launch.upcast,
+                num_warps=config.num_warps, num_stages=config.num_stages,
             )
             total += part.sum(2)
         rows = torch.tensor(list(query_list), device=device)
