@@ -14,9 +14,10 @@
   (fixed order: deterministic).
 
 Frame masks: query frames that share a mask row form a group (one launch per group and per
-contiguous run of allowed key frames); keys outside the run are never read. The number of key
-tiles (and of key frames) is a compile-time constant of each launch: Triton's CPU interpreter (numpy >= 2.4) fails
-on loops with runtime bounds, and a constant trip count lets CI run the very same kernels.
+contiguous run of allowed key frames); keys outside the run are never read. Loop trip counts
+(key tiles, key frames) are runtime arguments on the GPU (one compiled kernel per shape) and
+compile-time constants under Triton's CPU interpreter (``STATIC``), which fails on loops with
+runtime bounds under numpy >= 2.4; the loop bodies are the same code.
 Numerics are argued in ``docs/kernels.md``.
 """
 
@@ -87,9 +88,9 @@ def _row_stats_tile(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, m, l, 
 def _row_stats_kernel(
     q_ptr, k_ptr, m_ptr, log2l_ptr, qframes_ptr,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-    heads, tokens, key_lo, key_hi, c,
+    heads, tokens, key_lo, key_hi, full_tiles, c,
     TPF: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    FULL_TILES: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    STATIC: tl.constexpr, FULL_TILES: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Row max and log2 of the row sum over keys [key_lo, key_hi), for the group's query frames."""
     tile = tl.program_id(0)
@@ -108,11 +109,16 @@ def _row_stats_kernel(
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
-    for t in range(FULL_TILES):
-        m, l = _row_stats_tile(q, k_base, stride_kn, key_lo + t * BLOCK_N, key_hi, offs_n0, offs_d, m, l, c,
-                               D, BLOCK_D, False, PRECISION, UPCAST)
+    if STATIC:  # a constant trip count: what Triton's CPU interpreter can run
+        for t in range(FULL_TILES):
+            m, l = _row_stats_tile(q, k_base, stride_kn, key_lo + t * BLOCK_N, key_hi, offs_n0, offs_d, m, l, c,
+                                   D, BLOCK_D, False, PRECISION, UPCAST)
+    else:
+        for t in range(full_tiles):
+            m, l = _row_stats_tile(q, k_base, stride_kn, key_lo + t * BLOCK_N, key_hi, offs_n0, offs_d, m, l, c,
+                                   D, BLOCK_D, False, PRECISION, UPCAST)
     if TAIL:
-        m, l = _row_stats_tile(q, k_base, stride_kn, key_lo + FULL_TILES * BLOCK_N, key_hi, offs_n0, offs_d, m, l, c,
+        m, l = _row_stats_tile(q, k_base, stride_kn, key_lo + full_tiles * BLOCK_N, key_hi, offs_n0, offs_d, m, l, c,
                                D, BLOCK_D, True, PRECISION, UPCAST)
     offs = bh.to(tl.int64) * tokens + rows
     tl.store(m_ptr + offs, m, mask=row_ok)
@@ -129,12 +135,29 @@ def _row_mass_tile(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, shift, 
 
 
 @triton.jit
+def _add_key_frame(acc, frames, key_frame, q, k_base, stride_kn, offs_n0, offs_d, shift, log2l, c,
+                   TPF: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, FULL_TILES: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """``acc[key_frame]`` += the probability the tile's rows send to that key frame."""
+    start = key_frame * TPF
+    per_row = tl.zeros([BLOCK_M], tl.float32)
+    for t in range(FULL_TILES):
+        per_row += _row_mass_tile(q, k_base, stride_kn, start + t * BLOCK_N, start + TPF, offs_n0, offs_d, shift,
+                                  log2l, c, D, BLOCK_D, False, PRECISION, UPCAST)
+    if TAIL:
+        per_row += _row_mass_tile(q, k_base, stride_kn, start + FULL_TILES * BLOCK_N, start + TPF, offs_n0, offs_d,
+                                  shift, log2l, c, D, BLOCK_D, True, PRECISION, UPCAST)
+    return acc + tl.where(frames == key_frame, tl.sum(per_row, 0), 0.0)
+
+
+@triton.jit
 def _mass_kernel(
     q_ptr, k_ptr, shift_ptr, log2l_ptr, part_ptr, qframes_ptr,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-    heads, tokens, key_frame_lo, c,
+    heads, tokens, key_frame_lo, run_frames, c,
     TPF: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    F_PAD: tl.constexpr, RUN_FRAMES: tl.constexpr, FULL_TILES: tl.constexpr, TAIL: tl.constexpr,
+    F_PAD: tl.constexpr, STATIC: tl.constexpr, RUN_FRAMES: tl.constexpr, FULL_TILES: tl.constexpr, TAIL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per (query tile, key frame): the probability summed over the tile's rows and the frame's keys.
@@ -164,17 +187,14 @@ def _mass_kernel(
     shift = tl.load(shift_ptr + stats, mask=row_ok, other=0.0)
     log2l = tl.load(log2l_ptr + stats, mask=row_ok, other=float("inf"))
     acc = tl.zeros([F_PAD], tl.float32)
-    for f in range(RUN_FRAMES):
-        key_frame = key_frame_lo + f
-        start = key_frame * TPF
-        per_row = tl.zeros([BLOCK_M], tl.float32)
-        for t in range(FULL_TILES):
-            per_row += _row_mass_tile(q, k_base, stride_kn, start + t * BLOCK_N, start + TPF, offs_n0, offs_d, shift,
-                                      log2l, c, D, BLOCK_D, False, PRECISION, UPCAST)
-        if TAIL:
-            per_row += _row_mass_tile(q, k_base, stride_kn, start + FULL_TILES * BLOCK_N, start + TPF, offs_n0, offs_d,
-                                      shift, log2l, c, D, BLOCK_D, True, PRECISION, UPCAST)
-        acc += tl.where(frames == key_frame, tl.sum(per_row, 0), 0.0)
+    if STATIC:  # a constant trip count: what Triton's CPU interpreter can run
+        for f in range(RUN_FRAMES):
+            acc = _add_key_frame(acc, frames, key_frame_lo + f, q, k_base, stride_kn, offs_n0, offs_d, shift, log2l, c,
+                                 TPF, D, BLOCK_M, BLOCK_N, BLOCK_D, FULL_TILES, TAIL, PRECISION, UPCAST)
+    else:
+        for f in range(run_frames):
+            acc = _add_key_frame(acc, frames, key_frame_lo + f, q, k_base, stride_kn, offs_n0, offs_d, shift, log2l, c,
+                                 TPF, D, BLOCK_M, BLOCK_N, BLOCK_D, FULL_TILES, TAIL, PRECISION, UPCAST)
     tiles = tl.num_programs(0)
     out = ((bh.to(tl.int64) * tl.num_programs(1) + slot) * tiles + tile) * F_PAD + frames
     tl.store(part_ptr + out, acc)
@@ -208,6 +228,7 @@ class _Launch:
     c: float
     precision: str
     upcast: bool
+    static: bool
     config: TileConfig
 
     @classmethod
@@ -218,7 +239,7 @@ class _Launch:
         upcast = triton.knobs.runtime.interpret and q.dtype == torch.bfloat16
         precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"  # tf32 is ignored for 16-bit inputs
         return cls(q, k, tokens_per_frame, block_m, config.block_n, _pow2(head_dim, 16), LOG2E / math.sqrt(head_dim),
-                   precision, upcast, config)
+                   precision, upcast, triton.knobs.runtime.interpret, config)
 
     def grid(self, query_frames: torch.Tensor) -> tuple[int, int, int]:
         batch, _, heads, _ = self.q.shape
@@ -228,7 +249,8 @@ class _Launch:
         lo, hi = key_run[0] * self.tokens_per_frame, key_run[1] * self.tokens_per_frame
         return dict(
             TPF=self.tokens_per_frame, D=self.q.shape[-1], BLOCK_M=self.block_m, BLOCK_N=self.block_n,
-            BLOCK_D=self.block_d, FULL_TILES=(hi - lo) // self.block_n, TAIL=(hi - lo) % self.block_n != 0,
+            BLOCK_D=self.block_d, STATIC=self.static, FULL_TILES=(hi - lo) // self.block_n if self.static else 0,  # one compiled kernel on the GPU
+            TAIL=(hi - lo) % self.block_n != 0,
             PRECISION=self.precision, UPCAST=self.upcast, num_warps=self.config.num_warps, num_stages=self.config.num_stages,
         ), lo, hi
 
@@ -247,7 +269,8 @@ def _row_stats(launch: _Launch, query_frames: torch.Tensor, key_runs: list[tuple
         log_sum = torch.empty_like(m)
         meta, lo, hi = launch.common(run)
         _row_stats_kernel[launch.grid(query_frames)](
-            launch.q, launch.k, m, log_sum, query_frames, *launch.strides(), heads, tokens, lo, hi, launch.c, **meta
+            launch.q, launch.k, m, log_sum, query_frames, *launch.strides(), heads, tokens, lo, hi,
+            (hi - lo) // launch.block_n, launch.c, **meta
         )
         per_run.append((m, log_sum))
     index = (query_frames[:, None] * launch.tokens_per_frame + torch.arange(launch.tokens_per_frame, device=query_frames.device)).flatten()
@@ -307,9 +330,10 @@ def frame_mass(
             part = torch.empty(batch * heads, grid[1], grid[0], f_pad, dtype=torch.float32, device=device)
             block_n = min(launch.block_n, _pow2(tokens_per_frame, 16))  # key tiles never cross a key frame
             _mass_kernel[grid](
-                q, k, shift, log2l, part, query_frames, *launch.strides(), heads, tokens, run[0], launch.c,
+                q, k, shift, log2l, part, query_frames, *launch.strides(), heads, tokens, run[0], run[1] - run[0], launch.c,
                 TPF=tokens_per_frame, D=head_dim, BLOCK_M=launch.block_m, BLOCK_N=block_n, BLOCK_D=launch.block_d,
-                F_PAD=f_pad, RUN_FRAMES=run[1] - run[0], FULL_TILES=tokens_per_frame // block_n,
+                F_PAD=f_pad, STATIC=launch.static, RUN_FRAMES=run[1] - run[0] if launch.static else 0,
+                FULL_TILES=tokens_per_frame // block_n,
                 TAIL=tokens_per_frame % block_n != 0, PRECISION=launch.precision, UPCAST=launch.upcast,
                 num_warps=config.num_warps, num_stages=config.num_stages,
             )
