@@ -198,3 +198,35 @@ def test_capture_on_cuda_leaves_the_output_bitwise_identical():
     assert torch.equal(plain, captured)
     mass = torch.stack([r["mass"] for r in recorder.records.values()])
     torch.testing.assert_close(mass.sum(-1), torch.ones_like(mass.sum(-1)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install -e '.[test]')")
+@pytest.mark.parametrize("block_causal_mode", [False, True])
+def test_the_gpu_benchmarks_one_pass_capture_passes_the_models_logsumexp_and_keeps_its_output(block_causal_mode, monkeypatch):
+    """``benchmarks/kernels_gpu.py`` measures the one-pass mass through its own processor: on CPU,
+    the same glue must hand ``frame_stats`` the true logsumexp of the model's q, k and change nothing."""
+    from attn_harness.model.models import build_tiny_random
+    from benchmarks import kernels_gpu
+
+    seen = []
+
+    def frame_stats_spy(q, k, tokens_per_frame, *, mask=None, metrics=(), lse=None):
+        scores = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1), float("-inf"))
+        seen.append(None if lse is None else float((lse.double() - scores.logsumexp(-1)).abs().max()))
+        return frame_stats(q, k, tokens_per_frame, mask=mask, metrics=metrics)
+
+    monkeypatch.setattr(kernels_gpu, "frame_stats", frame_stats_spy)
+    model = build_tiny_random()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 9, 8, 8, generator=gen), timestep=torch.tensor([700.0]),
+                  encoder_hidden_states=torch.randn(1, 16, 64, generator=gen), return_dict=False)
+    mask = block_causal(9, 3) if block_causal_mode else None
+    cases = kernels_gpu.model_cases(model, inputs, mask, tokens_per_frame=16)
+    plain = cases["plain"]()[0]
+    assert torch.equal(cases["logits+mass/all-layers/one-pass"]()[0], plain)
+    assert len(seen) == len(model.blocks)
+    if any(error is None for error in seen):
+        pytest.skip("this CPU build's flash op did not give the stock output: no logsumexp to pass")
+    assert max(seen) < 1e-5
