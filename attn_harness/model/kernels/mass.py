@@ -249,8 +249,8 @@ class _Launch:
         lo, hi = key_run[0] * self.tokens_per_frame, key_run[1] * self.tokens_per_frame
         return dict(
             TPF=self.tokens_per_frame, D=self.q.shape[-1], BLOCK_M=self.block_m, BLOCK_N=self.block_n,
-            BLOCK_D=self.block_d, STATIC=self.static, FULL_TILES=(hi - lo) // self.block_n if self.static else 0,  # one compiled kernel on the GPU
-            TAIL=(hi - lo) % self.block_n != 0,
+            BLOCK_D=self.block_d, STATIC=self.static, TAIL=(hi - lo) % self.block_n != 0,
+            FULL_TILES=(hi - lo) // self.block_n if self.static else 0,  # 0 on the GPU: one compiled kernel
             PRECISION=self.precision, UPCAST=self.upcast, num_warps=self.config.num_warps, num_stages=self.config.num_stages,
         ), lo, hi
 
@@ -265,18 +265,20 @@ def _row_stats(launch: _Launch, query_frames: torch.Tensor, key_runs: list[tuple
     batch, tokens, heads, _ = launch.q.shape
     per_run = []
     for run in key_runs:
-        m = torch.empty(batch * heads, tokens, dtype=torch.float32, device=launch.q.device)
-        log_sum = torch.empty_like(m)
+        if len(key_runs) == 1:  # the kernel writes the group's rows in place
+            m, log_sum = shift, log2l
+        else:
+            m = torch.empty(batch * heads, tokens, dtype=torch.float32, device=launch.q.device)
+            log_sum = torch.empty_like(m)
         meta, lo, hi = launch.common(run)
         _row_stats_kernel[launch.grid(query_frames)](
             launch.q, launch.k, m, log_sum, query_frames, *launch.strides(), heads, tokens, lo, hi,
             (hi - lo) // launch.block_n, launch.c, **meta
         )
         per_run.append((m, log_sum))
-    index = (query_frames[:, None] * launch.tokens_per_frame + torch.arange(launch.tokens_per_frame, device=query_frames.device)).flatten()
     if len(per_run) == 1:
-        shift[:, index], log2l[:, index] = per_run[0][0][:, index], per_run[0][1][:, index]
         return
+    index = (query_frames[:, None] * launch.tokens_per_frame + torch.arange(launch.tokens_per_frame, device=query_frames.device)).flatten()
     # several key runs: combine their sums in float64 around the largest maximum
     ms = torch.stack([m[:, index] for m, _ in per_run]).double()
     logs = torch.stack([log_sum[:, index] for _, log_sum in per_run]).double()
@@ -311,11 +313,10 @@ def frame_mass(
         k = k.contiguous()
     launch = _Launch.of(q, k, tokens_per_frame, config)
     device = q.device
-    if lse is None:
-        shift = torch.zeros(batch * heads, tokens, dtype=torch.float32, device=device)
-        log2l = torch.full_like(shift, float("inf"))
+    shift = torch.zeros(batch * heads, tokens, dtype=torch.float32, device=device)
+    if lse is None:  # filled group by group by the row-statistics kernel
+        log2l = torch.empty_like(shift)
     else:
-        shift = torch.zeros(batch * heads, tokens, dtype=torch.float32, device=device)
         log2l = (lse.reshape(batch * heads, tokens).float() * LOG2E).contiguous()
     f_pad = _pow2(frames, 2)
     mass = torch.zeros(batch, heads, frames, frames, dtype=torch.float32, device=device)
