@@ -31,9 +31,9 @@ from benchmarks.timing import interleaved, timing_records
 
 FRAMES, TPF, HEADS, HEAD_DIM = 21, 1560, 12, 128
 BLOCK_FRAMES = 3  # block-causal: 7 blocks of 3 latent frames
-SWEEP = (
-    TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 2), TileConfig(128, 64, 8, 2),
-    TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 2), TileConfig(64, 128, 4, 2),
+SWEEP = (  # (block_m, block_n, num_warps, num_stages); the default is 128 x 64, 8 warps, 3 stages
+    TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 2), TileConfig(128, 64, 8, 2), TileConfig(128, 64, 8, 3),
+    TileConfig(128, 128, 8, 2), TileConfig(64, 128, 4, 2),
 )
 
 

@@ -36,12 +36,13 @@ LOG2E = math.log2(math.e)
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile sizes and launch parameters; ``None`` picks a size from the shape."""
+    """Tile sizes and launch parameters; ``None`` picks from the shape (128-row query tiles and 8
+    warps, as Triton's fused-attention tutorial on Hopper, where frames are that long)."""
 
     block_m: int | None = None
     block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int | None = None
+    num_stages: int = 3
 
 
 @triton.jit
@@ -229,6 +230,7 @@ class _Launch:
     precision: str
     upcast: bool
     static: bool
+    num_warps: int
     config: TileConfig
 
     @classmethod
@@ -238,8 +240,9 @@ class _Launch:
         # Triton's CPU interpreter multiplies bfloat16 tiles as raw integers: it gets float32 tiles
         upcast = triton.knobs.runtime.interpret and q.dtype == torch.bfloat16
         precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"  # tf32 is ignored for 16-bit inputs
+        num_warps = config.num_warps or (8 if block_m >= 128 else 4)
         return cls(q, k, tokens_per_frame, block_m, config.block_n, _pow2(head_dim, 16), LOG2E / math.sqrt(head_dim),
-                   precision, upcast, triton.knobs.runtime.interpret, config)
+                   precision, upcast, triton.knobs.runtime.interpret, num_warps, config)
 
     def grid(self, query_frames: torch.Tensor) -> tuple[int, int, int]:
         batch, _, heads, _ = self.q.shape
@@ -251,7 +254,7 @@ class _Launch:
             TPF=self.tokens_per_frame, D=self.q.shape[-1], BLOCK_M=self.block_m, BLOCK_N=self.block_n,
             BLOCK_D=self.block_d, STATIC=self.static, TAIL=(hi - lo) % self.block_n != 0,
             FULL_TILES=(hi - lo) // self.block_n if self.static else 0,  # 0 on the GPU: one compiled kernel
-            PRECISION=self.precision, UPCAST=self.upcast, num_warps=self.config.num_warps, num_stages=self.config.num_stages,
+            PRECISION=self.precision, UPCAST=self.upcast, num_warps=self.num_warps, num_stages=self.config.num_stages,
         ), lo, hi
 
     def strides(self) -> tuple[int, ...]:
@@ -336,7 +339,7 @@ def frame_mass(
                 F_PAD=f_pad, STATIC=launch.static, RUN_FRAMES=run[1] - run[0] if launch.static else 0,
                 FULL_TILES=tokens_per_frame // block_n,
                 TAIL=tokens_per_frame % block_n != 0, PRECISION=launch.precision, UPCAST=launch.upcast,
-                num_warps=config.num_warps, num_stages=config.num_stages,
+                num_warps=launch.num_warps, num_stages=config.num_stages,
             )
             total += part.sum(2)
         rows = torch.tensor(list(query_list), device=device)
