@@ -79,7 +79,7 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
         else:
             records.append({"name": "kernels", "skipped": "GPU only (--device cuda)"})
     if "e2e" in sections and profile.e2e_reps:
-        log(f"[e2e] pytest {specs} cold vs warm cache")
+        log(f"[e2e] pytest {specs}: cold cache, warm cache, warm with report, collect-only")
         records += e2e.run(specs, reps=profile.e2e_reps, env=env)
     return records
 
@@ -113,6 +113,8 @@ def table(records: list[dict]) -> str:
             lines.append(f"{rec['name']:58} {'-':>12} {'-':>7} {'-':>8}  {rec.get('note', '')}")
         else:
             note = f"paired {rec['paired_ratio']:.3f}, min {rec['min_s']:.4f}s, max {rec['max_s']:.4f}s, n={rec['reps']}"
+            if "cpu_median_s" in rec:
+                note += f", cpu {rec['cpu_median_s']:.2f}s"
             lines.append(f"{rec['name']:58} {rec['median_s']:11.4f}s {rec['spread']:7.3f} {rec['ratio']:8.3f}  {note}")
     return "\n".join(lines)
 
