@@ -2,9 +2,17 @@
 
 Steps are paired by position (first with first, last with last), since two checkpoints
 are usually sampled with the same capture steps but possibly different step counts
-(a 50-step base model against a 4-step distilled one). Layers are the shared ones, or a
-chosen subset of them. Every other dim must match; a mismatch is a ``HarnessError``
-naming the dim and both sizes.
+(a 50-step base model against a 4-step distilled one); ``steps=(a_step, b_step)`` pairs one
+chosen step of each instead (a 3-step extraction against a 1-step legacy import). Layers
+are the shared ones, or a chosen subset of them. Every other dim must match; a mismatch is
+a ``HarnessError`` naming the dim and both sizes.
+
+Flips (a head whose sink sign, sink-head membership or diagonal dominance changed) count
+only when both values lie at least ``margin`` x scale away from the boundary: the scale is
+the sink threshold for the sink sign (boundary 0) and membership (boundary the threshold),
+and one half for diagonal dominance (boundary a 50% share of query rows). With the default
+10% margin, +0.032 -> -0.040 logits is noise, not a flip; at 21 query frames a dominance
+change must move more than one row. Changes within the margin are listed, not counted.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ SINK_HEAD_THRESHOLD: dict[str, float] = {"logits": 1.0, "mass": 0.05}
 DIAGONAL_DOMINANCE_SHARE = 0.5
 STEP_POSITIONS = ("first", "mid", "last")
 TOP_DIFFERENCES = 10
+# Relative noise margin of a flip (see the module docstring).
+FLIP_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -52,8 +62,10 @@ def align(
     labels: tuple[str, str] = ("A", "B"),
     layers: Sequence[int] | None = None,
     metric: str = "logits",
+    steps: tuple[int | str, int | str] | None = None,
 ) -> Aligned:
-    """Check the two extractions share geometry and pair their steps and layers."""
+    """Check the two extractions share geometry and pair their steps (by position, or the two
+    ``steps`` given as first/mid/last or a captured step) and layers."""
     for name, ds, label in (("A", a, labels[0]), ("B", b, labels[1])):
         if metric not in ds:
             raise HarnessError(
@@ -66,6 +78,9 @@ def align(
         "head": "the checkpoints must have the same number of attention heads",
         "step": "extract both with the same capture_steps (steps are paired by position)",
     }
+    if steps is not None:
+        a = a.sel(step=[resolve_step(a["step"].values, steps[0], f"A ({labels[0]})")])
+        b = b.sel(step=[resolve_step(b["step"].values, steps[1], f"B ({labels[1]})")])
     for dim, hint in hints.items():
         if a.sizes[dim] != b.sizes[dim]:
             raise _size_error(dim, (a.sizes[dim], b.sizes[dim]), labels, hint)
@@ -91,14 +106,19 @@ def align(
     return Aligned(a_da, b_da, b_steps, metric, labels, metrics.default_query_frames(a))
 
 
-def pick_step(aligned: Aligned, step: int | str = "last") -> int:
-    """A's step coordinate for ``first``/``mid``/``last`` or an explicit A step index."""
-    steps = [int(s) for s in aligned.a["step"].values]
+def resolve_step(captured: Sequence[int], step: int | str, whose: str = "A") -> int:
+    """The captured step meant by ``first``/``mid``/``last`` or a captured step number."""
+    steps = [int(s) for s in captured]
     if step in STEP_POSITIONS:
         return steps[{"first": 0, "mid": (len(steps) - 1) // 2, "last": len(steps) - 1}[step]]
     if step not in steps:
-        raise HarnessError(f"step {step!r} is not one of A's captured steps {steps} (or first, mid, last)")
+        raise HarnessError(f"step {step!r} is not one of {whose}'s captured steps {steps} (or first, mid, last)")
     return int(step)
+
+
+def pick_step(aligned: Aligned, step: int | str = "last") -> int:
+    """A's step coordinate for ``first``/``mid``/``last`` or an explicit A step index."""
+    return resolve_step(aligned.a["step"].values, step)
 
 
 def difference(aligned: Aligned) -> xr.DataArray:
@@ -145,27 +165,53 @@ def head_table(aligned: Aligned, layer: int, step: int) -> list[dict]:
     return rows
 
 
-def flips(aligned: Aligned, layer: int, step: int) -> list[dict]:
-    """Heads whose sink sign, sink-head membership or diagonal dominance changed from A to B."""
-    threshold = SINK_HEAD_THRESHOLD[aligned.metric]
+def layer_ranking(aligned: Aligned, step: int) -> list[dict]:
+    """Layers by mean |B - A| at ``step``, largest first, with the largest cell difference and where."""
+    diff = abs(difference(aligned).sel(step=step)).transpose("layer", "head", "query_frame", "key_frame")
+    values = np.nan_to_num(diff.values.astype(np.float64), nan=0.0)
+    means = diff.mean(["head", "query_frame", "key_frame"], skipna=True).values
+    rows = []
+    for index, layer in enumerate(diff["layer"].values):
+        head, query, key = np.unravel_index(int(np.argmax(values[index])), values[index].shape)
+        rows.append({
+            "layer": int(layer), "mean_abs_diff": float(means[index]), "max_abs_diff": float(values[index].max()),
+            "head": int(diff["head"].values[head]), "query_frame": int(diff["query_frame"].values[query]),
+            "key_frame": int(diff["key_frame"].values[key]),
+        })
+    return sorted(rows, key=lambda r: (-np.nan_to_num(r["mean_abs_diff"], nan=-np.inf), r["layer"]))
+
+
+def _crossed(a: float, b: float, boundary: float, margin: float) -> tuple[bool, bool]:
+    """(changed side of ``boundary``, and both values at least ``margin`` away from it)."""
+    changed = (a >= boundary) != (b >= boundary)
+    return changed, changed and min(abs(a - boundary), abs(b - boundary)) >= margin
+
+
+def flips(
+    aligned: Aligned, layer: int, step: int, *, sink_threshold: float | None = None, margin: float = FLIP_MARGIN
+) -> list[dict]:
+    """Heads whose sink sign, sink-head membership or diagonal dominance changed from A to B.
+
+    Each change has ``counted``: False when a value lies within ``margin`` x scale of the
+    boundary (noise; see the module docstring).
+    """
+    threshold = SINK_HEAD_THRESHOLD[aligned.metric] if sink_threshold is None else sink_threshold
     found = []
     for row in head_table(aligned, layer, step):
         sink_a, sink_b, _ = row["sink"]
         dom_a, dom_b = row["diagonal_dominance"]
         checks = (
-            ("sink sign", np.sign(sink_a) != np.sign(sink_b), f"{sink_a:+.3f}", f"{sink_b:+.3f}"),
-            (
-                f"sink head (sink >= {threshold:g})",
-                (sink_a >= threshold) != (sink_b >= threshold),
-                f"{sink_a:+.3f}", f"{sink_b:+.3f}",
-            ),
+            ("sink sign", _crossed(sink_a, sink_b, 0.0, margin * threshold), f"{sink_a:+.3f}", f"{sink_b:+.3f}"),
+            (f"sink head (sink >= {threshold:g})", _crossed(sink_a, sink_b, threshold, margin * threshold),
+             f"{sink_a:+.3f}", f"{sink_b:+.3f}"),
             (
                 f"diagonal dominance (>= {DIAGONAL_DOMINANCE_SHARE:.0%} of rows)",
-                (dom_a >= DIAGONAL_DOMINANCE_SHARE) != (dom_b >= DIAGONAL_DOMINANCE_SHARE),
+                _crossed(dom_a, dom_b, DIAGONAL_DOMINANCE_SHARE, margin * DIAGONAL_DOMINANCE_SHARE),
                 f"{dom_a:.0%}", f"{dom_b:.0%}",
             ),
         )
-        for kind, changed, before, after in checks:
+        for kind, (changed, counted), before, after in checks:
             if changed:
-                found.append({"layer": layer, "step": step, "head": row["head"], "kind": kind, "a": before, "b": after})
+                found.append({"layer": layer, "step": step, "head": row["head"], "kind": kind, "a": before, "b": after,
+                              "counted": bool(counted)})
     return found

@@ -17,17 +17,17 @@ import jinja2
 import numpy as np
 import xarray as xr
 
-from attn_harness.core.errors import HarnessError
-from attn_harness.report import compare, figures
 from attn_harness.core.atomic import write_atomic
+from attn_harness.core.errors import HarnessError
+from attn_harness.core.results import STATUSES, CheckRecord, Results, SpecInfo
 from attn_harness.core.store import read_dataset
+from attn_harness.report import compare, figures
 
-STATUSES: tuple[str, ...] = ("pass", "warn", "fail", "skip", "error")
 # Statuses whose checks get a figure (when their data can be read).
 SHOWN_STATUSES: tuple[str, ...] = ("fail", "warn", "error")
+# Checks of one layer are listed most urgent first.
+STATUS_ORDER: tuple[str, ...] = ("error", "fail", "warn", "skip", "pass")
 PNG_DPI = 80
-RESULT_KEYS: tuple[str, ...] = ("run", "specs", "checks")
-CHECK_KEYS: tuple[str, ...] = ("nodeid", "spec", "status")
 
 
 def _environment() -> jinja2.Environment:
@@ -40,24 +40,12 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def status_counts(checks: Sequence[Mapping]) -> dict[str, int]:
+def status_counts(checks: Sequence[CheckRecord]) -> dict[str, int]:
     """Number of checks per status, every status present (0 when none)."""
     counts = dict.fromkeys(STATUSES, 0)
     for check in checks:
-        counts[check["status"]] = counts.get(check["status"], 0) + 1
+        counts[check.status] += 1
     return counts
-
-
-def _validate_results(results: Mapping) -> None:
-    missing = [key for key in RESULT_KEYS if key not in results]
-    if missing:
-        raise HarnessError(f"results record lacks {missing}; expected keys {list(RESULT_KEYS)} (see the pytest plugin)")
-    for index, check in enumerate(results["checks"]):
-        absent = [key for key in CHECK_KEYS if key not in check]
-        if absent:
-            raise HarnessError(f"results checks[{index}] lacks {absent}")
-        if check["status"] not in STATUSES:
-            raise HarnessError(f"results checks[{index}] ({check['nodeid']}): status {check['status']!r} not in {STATUSES}")
 
 
 class _Datasets:
@@ -68,7 +56,7 @@ class _Datasets:
 
     def extraction(self, path: str | None) -> xr.Dataset | str:
         if not path:
-            return "no extraction: this spec did not run (see the skip or error reasons below)"
+            return "this spec did not run"
         if path not in self._cache:
             try:
                 self._cache[path] = read_dataset(path)
@@ -101,8 +89,8 @@ class _Datasets:
         return f"{path} has no {metric!r} variable (has {sorted(ds.data_vars)})"
 
 
-def _locations(check: Mapping) -> list[dict]:
-    return [dict(v["location"]) for v in check.get("violations") or [] if v.get("location")]
+def _locations(check: CheckRecord) -> list[dict]:
+    return [dict(v["location"]) for v in check.violations if v.get("location")]
 
 
 def _view(da: xr.DataArray, layer: int, step: int | None) -> xr.DataArray:
@@ -118,8 +106,8 @@ def _grid_uri(da: xr.DataArray, **kwargs: Any) -> str:
     return figures.png_data_uri(figures.head_grid(da, **kwargs), dpi=PNG_DPI, tight=False)  # fixed margins
 
 
-def _property_figures(ds: xr.Dataset, check: Mapping) -> list[dict]:
-    metric, layer = check.get("metric") or "logits", check["layer"]
+def _property_figures(ds: xr.Dataset, check: CheckRecord) -> list[dict]:
+    metric, layer = check.metric or "logits", check.layer
     locations = _locations(check)
     step = locations[0].get("step") if locations else None
     step = int(ds["step"].values[-1]) if step is None else int(step)
@@ -129,94 +117,121 @@ def _property_figures(ds: xr.Dataset, check: Mapping) -> list[dict]:
     return [{"caption": title, "uri": _grid_uri(view, metric=metric, highlight=here, title=title)}]
 
 
-def _baseline_figures(store: _Datasets, check: Mapping) -> list[dict] | str:
-    metric, layer = check.get("metric") or "logits", check["layer"]
-    baseline = store.array(check.get("baseline"), metric)
-    obtained = store.array(check.get("obtained"), metric)
-    for name, value in (("baseline", baseline), ("obtained", obtained)):
-        if isinstance(value, str):
-            return f"{name}: {value}"
-    locations = _locations(check)
-    step = locations[0].get("step") if locations else None
-    base, got = _view(baseline, layer, step), _view(obtained, layer, step)
-    if base.shape != got.shape:
-        return f"baseline shape {dict(base.sizes)} differs from obtained {dict(got.sizes)}"
-    here = [loc for loc in locations if loc.get("layer", layer) == layer]
-    both = np.concatenate([base.values.ravel(), got.values.ravel()])
-    limit = (
-        float(np.nanmax(both)) if metric == "mass" and np.isfinite(both).any() else figures.symmetric_limit(both)
-    )
-    diff = got.copy(data=got.values - base.values)
-    return [
-        {"caption": "baseline", "uri": _grid_uri(base, metric=metric, limit=limit, title="baseline")},
-        {"caption": "obtained", "uri": _grid_uri(got, metric=metric, limit=limit, title="obtained")},
-        {
-            "caption": "obtained - baseline",
-            "uri": _grid_uri(diff, metric="difference", highlight=here, title="obtained - baseline"),
-        },
-    ]
+def _where_text(location: Mapping[str, int]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in location.items() if k not in ("step", "layer"))
 
 
-def _check_figures(store: _Datasets, dataset: xr.Dataset | str, check: Mapping) -> tuple[list[dict], str]:
-    """Figures for one failing check, or an explanation of why there are none."""
-    if check["status"] not in SHOWN_STATUSES or check.get("layer") is None:
+def _baseline_figures(store: _Datasets, check: CheckRecord) -> list[dict] | str:
+    """Per variable beyond tolerance: baseline, obtained and their difference at the step of the
+    variable's worst cell (each at its own step), the worst cells of that step outlined."""
+    made: list[dict] = []
+    failing = [v for v in check.variables if v.beyond]
+    if not failing:
+        return "the results record has no per-variable differences for this baseline"
+    for diff in failing:
+        baseline = store.array(check.baseline, diff.variable)
+        obtained = store.array(check.obtained, diff.variable)
+        for name, value in (("baseline", baseline), ("obtained", obtained)):
+            if isinstance(value, str):
+                return f"{name}: {value}"
+        worst = diff.worst[0]["location"]
+        step, layer = int(worst["step"]), int(worst.get("layer", check.layer))
+        base, got = _view(baseline, layer, step), _view(obtained, layer, step)
+        if base.shape != got.shape:
+            return f"baseline shape {dict(base.sizes)} differs from obtained {dict(got.sizes)}"
+        here = [c["location"] for c in diff.worst if c["location"]["step"] == step]
+        per_step = abs(obtained - baseline).max([d for d in baseline.dims if d != "step"], skipna=True)
+        steps_text = ", ".join(f"{int(s)}: {float(v):.3g}" for s, v in zip(per_step["step"].values, per_step.values))
+        metric = diff.variable if diff.variable in figures.CMAPS else "logits"
+        both = np.concatenate([base.values.ravel(), got.values.ravel()])
+        limit = float(np.nanmax(both)) if metric == "mass" and np.isfinite(both).any() else figures.symmetric_limit(both)
+        at = f"{diff.variable}, layer {layer}, step {step}"
+        made.append({
+            "caption": (f"{at}: the step of the worst cell ({_where_text(worst)}, |diff| "
+                        f"{float(diff.worst[0]['abs_diff']):.3g}); worst cells outlined. Max |diff| per step: {steps_text}"),
+            "step": step, "layer": layer, "variable": diff.variable,
+            "panels": [
+                {"caption": f"baseline ({at})", "uri": _grid_uri(base, metric=metric, limit=limit, title=f"baseline: {at}")},
+                {"caption": f"obtained ({at})", "uri": _grid_uri(got, metric=metric, limit=limit, title=f"obtained: {at}")},
+                {"caption": f"obtained - baseline ({at})",
+                 "uri": _grid_uri(got - base, metric="difference", highlight=here, title=f"obtained - baseline: {at}")},
+            ],
+        })
+    return made
+
+
+def _check_figures(store: _Datasets, dataset: xr.Dataset | str, check: CheckRecord) -> tuple[list[dict], str]:
+    """Figure groups for one failing check, or an explanation of why there are none."""
+    if check.status not in SHOWN_STATUSES or check.layer is None:
         return [], ""
     try:
-        if check.get("kind") == "baseline":
+        if check.kind == "baseline":
             made = _baseline_figures(store, check)
             return (made, "") if isinstance(made, list) else ([], f"no baseline figure: {made}")
         if isinstance(dataset, str):
             return [], f"no figure: {dataset}"
-        return _property_figures(dataset, check), ""
+        return [{"caption": "", "panels": _property_figures(dataset, check)}], ""
     except (HarnessError, KeyError, ValueError) as err:
         return [], f"no figure: {err}"
 
 
-def _location(item: Mapping) -> str:
-    return f"{item.get('file', '?')}:{item.get('line', '?')}"
+def _sort_key(check: CheckRecord) -> tuple:
+    layer = check.layer
+    by_layer = (0, layer, "") if isinstance(layer, int) else (1, 0, str(layer))
+    return (*by_layer, STATUS_ORDER.index(check.status), check.check_id)
 
 
-def _spec_section(store: _Datasets, spec: Mapping, checks: list[Mapping], index: int) -> dict:
-    dataset = store.extraction(spec.get("dataset"))
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "(no message)"
+
+
+def _attention_groups(checks: Sequence[CheckRecord], anchors: Mapping[str, str]) -> list[dict]:
+    """Every check that is not a pass, grouped by status and reason (first line of its message)."""
+    groups: dict[tuple[str, str], list[CheckRecord]] = {}
+    for check in checks:
+        if check.status != "pass":
+            groups.setdefault((check.status, _first_line(check.message)), []).append(check)
+    ordered = sorted(groups.items(), key=lambda item: (STATUS_ORDER.index(item[0][0]), -len(item[1]), item[0][1]))
+    return [
+        {"status": status, "reason": reason, "specs": sorted({c.spec for c in members}),
+         "checks": [{"nodeid": c.nodeid, "anchor": anchors[c.nodeid]} for c in members]}
+        for (status, reason), members in ordered
+    ]
+
+
+def _spec_section(store: _Datasets, spec: SpecInfo, checks: list[CheckRecord], index: int) -> dict:
+    dataset = store.extraction(spec.dataset)
     overview, dataset_note = None, ""
     if isinstance(dataset, str):
-        dataset_note = dataset
+        reasons = sorted({_first_line(c.message) for c in checks if c.status in ("skip", "error")})
+        dataset_note = dataset + (": " + "; ".join(reasons) if reasons and not spec.dataset else "")
     else:
         step = int(dataset["step"].values[-1])
         overview = figures.inline_svg(figures.layer_head_overview(dataset, step))
     rows, failures = [], []
-    for number, check in enumerate(checks):
+    for number, check in enumerate(sorted(checks, key=_sort_key)):
         row = {
-            "anchor": f"s{index}-c{number}",
-            "nodeid": check["nodeid"],
-            "status": check["status"],
-            "severity": check.get("severity", ""),
-            "property": check.get("property", ""),
-            "kind": check.get("kind", ""),
-            "layer": "" if check.get("layer") is None else check["layer"],
-            "metric": check.get("metric", ""),
-            "observed": check.get("observed", ""),
-            "expected": check.get("expected", ""),
-            "message": check.get("message", ""),
-            "location": _location(check),
-            "violations": len(check.get("violations") or []),
-            "regen_command": check.get("regen_command"),
-            "duration_s": check.get("duration_s"),
+            "anchor": f"s{index}-c{number}", "check": check, "id": check.check_id,
+            "rank": STATUS_ORDER.index(check.status),
+            "layer": "" if check.layer is None else check.layer,
+            "violations": sum(v.beyond for v in check.variables) if check.variables else len(check.violations),
         }
         rows.append(row)
-        if check["status"] in SHOWN_STATUSES:
+        if check.status in SHOWN_STATUSES:
             row["figures"], row["figure_note"] = _check_figures(store, dataset, check)
             failures.append(row)
-    provenance = {"spec file": _location(spec), "model": spec.get("model", ""), "dataset": spec.get("dataset", "")}
-    provenance.update({k: _text(v) for k, v in (spec.get("provenance") or {}).items()})
-    provenance["probe"] = _text(spec.get("probe", {}))
+    provenance = {"spec file": f"{spec.file or '?'}:{spec.line if spec.line is not None else '?'}",
+                  "model": spec.model, "dataset": spec.dataset or ""}
+    provenance.update({k: _text(v) for k, v in spec.provenance.items()})
+    provenance["probe"] = _text(spec.probe)
     return {
         "anchor": f"spec-{index}",
-        "name": spec.get("spec", "(checks without a spec)"),
+        "name": spec.spec,
         "counts": status_counts(checks),
-        "failed": any(c["status"] in ("fail", "error") for c in checks),
+        "failed": any(c.status in ("fail", "error") for c in checks),
         "provenance": provenance,
         "overview": overview,
+        "overview_step": None if overview is None else int(dataset["step"].values[-1]),
         "dataset_note": dataset_note,
         "rows": rows,
         "failures": failures,
@@ -227,29 +242,38 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
-def render_run_report(results: Mapping, out_dir: Path | str) -> Path:
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def render_run_report(results: Results | Mapping, out_dir: Path | str) -> Path:
     """Write ``out_dir/index.html`` for one pytest run's results record; return its path.
 
-    ``results`` is the record the pytest plugin writes (``run``, ``specs``, ``checks``).
+    ``results`` is the record the pytest plugin writes (a :class:`Results` or its dict).
     Extraction, baseline and obtained files named in it are read to draw figures; a file
     that cannot be read is named in the report instead of failing it.
     """
-    _validate_results(results)
+    results = results if isinstance(results, Results) else Results.from_dict(results)
     store = _Datasets()
-    specs = list(results["specs"])
-    known = {spec["spec"] for spec in specs}
-    for check in results["checks"]:  # specs that never extracted (skipped, errored) still get a section
-        if check["spec"] not in known:
-            known.add(check["spec"])
-            specs.append({"spec": check["spec"], "file": check.get("file"), "line": check.get("line")})
+    specs = list(results.specs)
+    known = {spec.spec for spec in specs}
+    for check in results.checks:  # specs that never extracted (skipped, errored) still get a section
+        if check.spec not in known:
+            known.add(check.spec)
+            specs.append(SpecInfo(spec=check.spec, file=check.file))
     sections = [
-        _spec_section(store, spec, [c for c in results["checks"] if c["spec"] == spec["spec"]], index)
+        _spec_section(store, spec, [c for c in results.checks if c.spec == spec.spec], index)
         for index, spec in enumerate(specs)
     ]
+    anchors = {row["check"].nodeid: row["anchor"] for section in sections for row in section["rows"]}
+    totals = status_counts(results.checks)
+    failing = totals["fail"] + totals["error"]
     page = _environment().get_template("run_report.html.j2").render(
-        run={k: _text(v) for k, v in results["run"].items()},
+        run=results.run,
+        title=f"{failing} failing of {_plural(len(results.checks), 'check')}",
         statuses=STATUSES,
-        totals=status_counts(results["checks"]),
+        totals=totals,
+        attention=_attention_groups(results.checks, anchors),
         sections=sections,
     )
     return write_atomic(Path(out_dir) / "index.html", page.encode("utf-8"))
