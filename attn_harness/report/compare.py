@@ -18,23 +18,17 @@ change must move more than one row. Changes within the margin are listed, not co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import xarray as xr
 
 from attn_harness.core import metrics
 from attn_harness.core.errors import HarnessError
+from attn_harness.report.settings import DIAGONAL_DOMINANCE_SHARE, FLIP_MARGIN, SINK_HEAD_THRESHOLD
 
-# A head is a "sink head" when its sink score (first - mid) reaches this, per metric.
-SINK_HEAD_THRESHOLD: dict[str, float] = {"logits": 1.0, "mass": 0.05}
-# A head is "diagonally dominant" when at least this share of its query frames puts the
-# row maximum on its own frame.
-DIAGONAL_DOMINANCE_SHARE = 0.5
 STEP_POSITIONS = ("first", "mid", "last")
 TOP_DIFFERENCES = 10
-# Relative noise margin of a flip (see the module docstring).
-FLIP_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -148,21 +142,30 @@ def diagonal_dominance(da: xr.DataArray) -> xr.DataArray:
     return (metrics.diagonal(da) >= row_max).mean("frame")
 
 
+def head_tables(aligned: Aligned, step: int) -> dict[int, list[dict]]:
+    """Per layer, per head at ``step``: A's and B's first, mid, last and sink
+    (``metrics.head_stats``) with B - A for each, and both diagonal-dominance shares."""
+    a, b = aligned.a.sel(step=step), aligned.b.sel(step=step)
+    stats = [metrics.head_stats(x, aligned.query_frames).transpose("layer", "head") for x in (a, b)]
+    dominance = [diagonal_dominance(x).transpose("layer", "head").values for x in (a, b)]
+    values = {key: (stats[0][key].values, stats[1][key].values) for key in ("first", "mid", "last", "sink")}
+    tables = {}
+    for i, layer in enumerate(a["layer"].values):
+        rows = []
+        for j, head in enumerate(a["head"].values):
+            row: dict = {"head": int(head)}
+            for key, (in_a, in_b) in values.items():
+                row[key] = (float(in_a[i, j]), float(in_b[i, j]), float(in_b[i, j]) - float(in_a[i, j]))
+            row["diagonal_dominance"] = (float(dominance[0][i, j]), float(dominance[1][i, j]))
+            rows.append(row)
+        tables[int(layer)] = rows
+    return tables
+
+
 def head_table(aligned: Aligned, layer: int, step: int) -> list[dict]:
-    """Per head of one layer: A's and B's statistics (layer_summary) and B - A for each."""
-    a = metrics.layer_summary(aligned.a.sel(layer=layer, step=step), aligned.query_frames)
-    b = metrics.layer_summary(aligned.b.sel(layer=layer, step=step), aligned.query_frames)
-    dom_a = diagonal_dominance(aligned.a.sel(layer=layer, step=step))
-    dom_b = diagonal_dominance(aligned.b.sel(layer=layer, step=step))
-    rows = []
-    for head_a, head_b in zip(a["heads"], b["heads"]):
-        head = head_a["head"]
-        row = {"head": head}
-        for key in ("first", "mid", "last", "sink"):
-            row[key] = (head_a[key], head_b[key], head_b[key] - head_a[key])
-        row["diagonal_dominance"] = (float(dom_a.sel(head=head)), float(dom_b.sel(head=head)))
-        rows.append(row)
-    return rows
+    """Per head of one layer: A's and B's statistics and B - A for each (see ``head_tables``)."""
+    one = replace(aligned, a=aligned.a.sel(layer=[layer]), b=aligned.b.sel(layer=[layer]))
+    return head_tables(one, step)[layer]
 
 
 def layer_ranking(aligned: Aligned, step: int) -> list[dict]:
@@ -188,16 +191,22 @@ def _crossed(a: float, b: float, boundary: float, margin: float) -> tuple[bool, 
 
 
 def flips(
-    aligned: Aligned, layer: int, step: int, *, sink_threshold: float | None = None, margin: float = FLIP_MARGIN
+    aligned: Aligned,
+    layer: int,
+    step: int,
+    *,
+    sink_threshold: float | None = None,
+    margin: float = FLIP_MARGIN,
+    rows: list[dict] | None = None,
 ) -> list[dict]:
     """Heads whose sink sign, sink-head membership or diagonal dominance changed from A to B.
 
     Each change has ``counted``: False when a value lies within ``margin`` x scale of the
-    boundary (noise; see the module docstring).
+    boundary (noise; see the module docstring). ``rows``: the layer's ``head_table`` if already computed.
     """
     threshold = SINK_HEAD_THRESHOLD[aligned.metric] if sink_threshold is None else sink_threshold
     found = []
-    for row in head_table(aligned, layer, step):
+    for row in head_table(aligned, layer, step) if rows is None else rows:
         sink_a, sink_b, _ = row["sink"]
         dom_a, dom_b = row["diagonal_dominance"]
         checks = (

@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import matplotlib
 import numpy as np
 import xarray as xr
 
 from attn_harness.core.atomic import write_atomic
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.results import STATUSES, CheckRecord, Results, SpecInfo
+from attn_harness.core.schema import PROVENANCE_ATTRS
 from attn_harness.core.store import read_dataset
 from attn_harness.report import compare, figures
+from attn_harness.report.settings import DEFAULT_TOP, FLIP_MARGIN
 
 # Statuses whose checks get a figure (when their data can be read).
 SHOWN_STATUSES: tuple[str, ...] = ("fail", "warn", "error")
@@ -279,37 +282,53 @@ def render_run_report(results: Results | Mapping, out_dir: Path | str) -> Path:
     return write_atomic(Path(out_dir) / "index.html", page.encode("utf-8"))
 
 
-def _attrs_table(a: xr.Dataset, b: xr.Dataset) -> list[tuple[str, str, str]]:
-    keys = ("model_id", "checkpoint_path", "checkpoint_fingerprint", "mask", "seed", "prompt", "num_frames",
-            "latent_frames", "dtype", "created")
-    return [(k, _text(a.attrs.get(k, "")), _text(b.attrs.get(k, ""))) for k in keys if k in a.attrs or k in b.attrs]
+def _provenance_rows(a: xr.Dataset, b: xr.Dataset, aligned: compare.Aligned) -> list[dict]:
+    """Every provenance attr either side has (schema.PROVENANCE_ATTRS), then the captured steps."""
+    rows = [
+        {"key": key, "group": group, "a": _text(a.attrs.get(key, "<absent>")), "b": _text(b.attrs.get(key, "<absent>"))}
+        for key, group in PROVENANCE_ATTRS.items() if key in a.attrs or key in b.attrs
+    ]
+    rows.append({"key": "captured steps", "group": "probe", "a": _text([int(s) for s in a["step"].values]),
+                 "b": _text([int(s) for s in b["step"].values])})
+    rows.append({"key": "compared steps", "group": "probe", "a": _text([int(s) for s in aligned.a["step"].values]),
+                 "b": _text(aligned.b_steps)})
+    for row in rows:
+        row["differs"] = row["a"] != row["b"]
+    return rows
 
 
-def _layer_section(aligned: compare.Aligned, layer: int, step: int, score: xr.DataArray) -> dict:
+def _grid_data(aligned: compare.Aligned, layer: int, step: int) -> str:
+    """A layer's A and B values at ``step`` as JSON for the page's heatmaps (4 significant digits)."""
     a, b = _view(aligned.a, layer, step), _view(aligned.b, layer, step)
-    both = np.concatenate([a.values.ravel(), b.values.ravel()])
+    both = np.concatenate([a.values.ravel(), b.values.ravel()]).astype(np.float64)
     if aligned.metric == "mass":
-        limit = float(np.nanmax(both)) if np.isfinite(both).any() else 1.0
+        scale = [0.0, float(np.nanmax(both)) if np.isfinite(both).any() else 1.0]
     else:
         limit = figures.symmetric_limit(both)
-    labels = aligned.labels
-    diff = b - a
-    grids = [
-        {"caption": labels[0], "uri": _grid_uri(a, metric=aligned.metric, limit=limit, title=labels[0])},
-        {"caption": labels[1], "uri": _grid_uri(b, metric=aligned.metric, limit=limit, title=labels[1])},
-        {
-            "caption": f"{labels[1]} - {labels[0]}",
-            "uri": _grid_uri(diff, metric="difference", title=f"{labels[1]} - {labels[0]}"),
-        },
-    ]
-    return {
-        "layer": layer,
-        "anchor": f"layer-{layer}",
-        "mean_abs": float(score.sel(layer=layer).mean()),
-        "grids": grids,
-        "heads": compare.head_table(aligned, layer, step),
-        "flips": compare.flips(aligned, layer, step),
+        scale = [-limit, limit]
+    diff_limit = figures.symmetric_limit((b.values - a.values).astype(np.float64).ravel())
+
+    def numbers(da: xr.DataArray) -> str:
+        return "[" + ",".join("null" if v != v else f"{v:.4g}" for v in da.values.ravel().tolist()) + "]"
+
+    meta = {
+        "layer": layer, "labels": list(aligned.labels), "heads": [int(h) for h in a["head"].values],
+        "query": [int(q) for q in a["query_frame"].values], "key": [int(k) for k in a["key_frame"].values],
+        "cols": figures.grid_shape(a.sizes["head"])[1],
+        "scale": {"a": scale, "b": scale, "diff": [-diff_limit, diff_limit]},
+        "cmap": {"a": figures.CMAPS[aligned.metric], "b": figures.CMAPS[aligned.metric], "diff": figures.CMAPS["difference"]},
     }
+    text = json.dumps(meta).replace("<", "\\u003c")  # a label cannot close the <script> element
+    return text[:-1] + f',"a":{numbers(a)},"b":{numbers(b)}}}'
+
+
+def _colormaps() -> str:
+    """The report's colormaps as 256 hex colours each, for the inline heatmaps."""
+    luts = {}
+    for name in sorted(set(figures.CMAPS.values())):
+        rgb = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3]
+        luts[name] = "".join(f"{r:02x}{g:02x}{b:02x}" for r, g, b in np.round(rgb * 255).astype(int).tolist())
+    return json.dumps(luts)
 
 
 def render_compare(
@@ -322,18 +341,45 @@ def render_compare(
     metric: str = "logits",
     step: int | str = "last",
     sources: tuple[str, str] | None = None,
+    top: int | None = DEFAULT_TOP,
+    steps: tuple[int | str, int | str] | None = None,
+    sink_threshold: float | None = None,
+    flip_margin: float = FLIP_MARGIN,
 ) -> Path:
     """Write a self-contained comparison of two extractions to ``out``; return its path.
 
-    Overview first (mean |B - A| per layer x head for every paired step, and the top
-    differences), then the flips, then per layer A, B and B - A at ``step`` with per-head
-    statistic deltas. ``sources`` are the file names shown in the header.
+    Provenance diff first (a banner when the probes differ), then the overview (mean |B - A|
+    per layer x head for every paired step), the layers ranked by mean |B - A| at ``step``,
+    the flips beyond ``flip_margin`` (``compare.flips``), and per layer the per-head
+    statistic deltas. Head grids (A, B, B - A, drawn in the page from inline data, values
+    under the pointer) only for the ``top`` layers that differ most (``None``: all).
+    ``steps=(a_step, b_step)`` compares one chosen step of each side instead of pairing by
+    position. ``sources`` are the file names shown in the header.
     """
-    aligned = compare.align(a, b, labels=labels, layers=layers, metric=metric)
-    chosen = compare.pick_step(aligned, step)
+    if top is not None and top < 1:
+        raise HarnessError(f"--top must be a positive number of layers or 'all'; got {top}")
+    aligned = compare.align(a, b, labels=labels, layers=layers, metric=metric, steps=steps)
+    chosen = compare.pick_step(aligned, "last" if steps is not None else step)
+    threshold = compare.SINK_HEAD_THRESHOLD[metric] if sink_threshold is None else sink_threshold
     score = compare.mean_abs_difference(aligned)
     overview = figures.inline_svg(figures.difference_overview(score, labels=labels, b_steps=aligned.b_steps))
-    sections = [_layer_section(aligned, int(layer), chosen, score.sel(step=chosen)) for layer in aligned.a["layer"].values]
+    ranking = compare.layer_ranking(aligned, chosen)
+    drawn = [r["layer"] for r in ranking[: len(ranking) if top is None else top]]
+    sections, flips = [], []
+    mean_abs = score.sel(step=chosen).mean("head")
+    for layer, heads in compare.head_tables(aligned, chosen).items():
+        changes = compare.flips(aligned, layer, chosen, sink_threshold=threshold, margin=flip_margin, rows=heads)
+        flips += changes
+        sections.append({
+            "layer": layer, "anchor": f"layer-{layer}",
+            "mean_abs": float(mean_abs.sel(layer=layer)),
+            "heads": heads,
+            "flips": [f for f in changes if f["counted"]],
+            "grid": _grid_data(aligned, layer, chosen) if layer in drawn else None,
+        })
+    for row in ranking:
+        row["flips"] = sum(f["counted"] for f in flips if f["layer"] == row["layer"])
+    provenance = _provenance_rows(a, b, aligned)
     steps_a = [int(s) for s in aligned.a["step"].values]
     page = _environment().get_template("compare.html.j2").render(
         labels=labels,
@@ -341,14 +387,21 @@ def render_compare(
         metric=metric,
         step=chosen,
         b_step=aligned.b_steps[steps_a.index(chosen)],
+        chosen_steps=steps is not None,
         query_frames=aligned.query_frames,
-        attrs=_attrs_table(a, b),
+        provenance=provenance,
+        probe_differences=[r["key"] for r in provenance if r["differs"] and r["group"] == "probe"],
         overview=overview,
+        ranking=ranking,
+        drawn=drawn,
+        top_all=top is None,
         top=compare.top_differences(aligned),
-        flips=[flip for section in sections for flip in section["flips"]],
+        flips=[f for f in flips if f["counted"]],
+        near_flips=[f for f in flips if not f["counted"]],
         sections=sections,
-        sink_threshold=compare.SINK_HEAD_THRESHOLD[metric],
+        views=[("diff", f"{labels[1]} - {labels[0]}"), ("a", labels[0]), ("b", labels[1])],
+        colormaps=_colormaps(),
+        sink_threshold=threshold,
+        flip_margin=flip_margin,
     )
-    out = Path(out)
-    return write_atomic(out, page.encode("utf-8"))
-
+    return write_atomic(Path(out), page.encode("utf-8"))
