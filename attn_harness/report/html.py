@@ -275,6 +275,7 @@ def render_run_report(results: Results | Mapping, out_dir: Path | str) -> Path:
         run=results.run,
         title=f"{failing} failing of {_plural(len(results.checks), 'check')}",
         statuses=STATUSES,
+        shown_statuses=SHOWN_STATUSES,
         totals=totals,
         attention=_attention_groups(results.checks, anchors),
         sections=sections,

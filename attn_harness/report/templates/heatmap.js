@@ -30,7 +30,7 @@
   }
 
   /* Draws heads (positions into d.heads) of one view on a canvas; remembers the geometry for hit tests. */
-  function draw(canvas, d, view, heads, cols, cell) {
+  function draw(canvas, d, view, heads, cols, cell, title) {
     const nq = d.query.length, nk = d.key.length;
     const g = {d, view, heads, cols, cell, left: 30, top: 18, gap: 12, bottom: 22, bar: 64};
     g.pw = nk * cell; g.ph = nq * cell;
@@ -56,7 +56,7 @@
       ctx.strokeStyle = "#888"; ctx.strokeRect(x0 - 0.5, y0 - 0.5, g.pw + 1, g.ph + 1);
       ctx.fillStyle = "black"; ctx.textAlign = "center"; ctx.textBaseline = "bottom";
       ctx.font = "bold 11px DejaVu Sans, Arial, sans-serif";
-      ctx.fillText("Head " + d.heads[h], x0 + g.pw / 2, y0 - 3);
+      ctx.fillText(title || "Head " + d.heads[h], x0 + g.pw / 2, y0 - 3);
       ctx.font = "9px DejaVu Sans, Arial, sans-serif"; ctx.textBaseline = "top";
       ticks(nk).forEach(k => ctx.fillText(String(d.key[k]), x0 + (k + 0.5) * cell, y0 + g.ph + 3));
       ctx.textAlign = "right"; ctx.textBaseline = "middle";
@@ -109,13 +109,15 @@
     panel.className = "zoom-panel";
     panel.addEventListener("click", event => event.stopPropagation());
     const title = document.createElement("p");
-    title.textContent = `Layer ${d.layer}, head ${d.heads[head]} (point at a cell for its values; click outside or press Escape to close)`;
+    title.textContent = `Layer ${d.layer}, head ${d.heads[head]}: query frame up, key frame across (latent). ` +
+      "Point at a cell for its values; click outside or press Escape to close.";
     panel.appendChild(title);
+    const names = {a: d.labels[0], b: d.labels[1], diff: `${d.labels[1]} \u2212 ${d.labels[0]}`};
     ["a", "b", "diff"].forEach(view => {
       const canvas = document.createElement("canvas");
       canvas.className = "zoomed-heatmap"; canvas.dataset.view = view;
       panel.appendChild(canvas);
-      draw(canvas, d, view, [head], 1, cell);
+      draw(canvas, d, view, [head], 1, cell, names[view]);
       attach(canvas);
     });
     zoom.replaceChildren(panel);
