@@ -356,6 +356,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = item.outcome
     if report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")  # the report's grouping says it was skipped
         if hasattr(report, "wasxfail"):
             reason = f"expected failure (xfail): {report.wasxfail}"
         status, message = "skip", reason

@@ -1,9 +1,11 @@
 """Self-contained HTML reports: the test-run report and the checkpoint comparison.
 
-One file each, no network: figures are inline SVG (overviews) or base64 PNG data URIs
-(heatmap grids), styles are inline. Sections are collapsed ``<details>`` with the
-overview first, so a 30-layer extraction stays navigable. Counts, statuses and check ids
-are also in ``data-*`` attributes so tests (and scripts) can read the page back.
+One file each, no network: overviews are inline SVG, the run report's heatmap grids base64
+PNG data URIs; the comparison's head grids are drawn in the page by an inline script from
+inline JSON (values under the pointer, click to enlarge), which keeps a 30-layer comparison
+small and fast to write. Styles and scripts are inline. Sections are collapsed
+``<details>`` with the overview first. Counts, statuses and check ids are also in
+``data-*`` attributes so tests (and scripts) can read the page back.
 """
 
 from __future__ import annotations
