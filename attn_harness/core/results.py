@@ -137,7 +137,7 @@ class Results:
 
     def write(self, out_dir: Path | str) -> Path:
         """Write ``out_dir/results.json`` atomically."""
-        text = json.dumps(self.to_dict(), indent=1, default=str, allow_nan=False)
+        text = json.dumps(self.to_dict(), indent=1, default=str)
         return write_atomic(Path(out_dir) / RESULTS_FILE, text.encode("utf-8"))
 
     @classmethod
