@@ -266,6 +266,10 @@ def test_the_compare_command_takes_top_steps_and_thresholds(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", str(a), str(b), "--top", "none"])
     assert exit_info.value.code == 2 and "positive number of layers or 'all'" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--steps", "last,0", "--flip-margin", "-0.1"]) == 2
+    assert "--flip-margin must be a fraction in [0, 1); got -0.1" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--steps", "last,0", "--sink-threshold", "0"]) == 2
+    assert "--sink-threshold must be a positive sink score" in capsys.readouterr().err
 
 
 def test_mismatched_geometry_writes_no_file(tmp_path):

@@ -361,6 +361,10 @@ def render_compare(
     """
     if top is not None and top < 1:
         raise HarnessError(f"--top must be a positive number of layers or 'all'; got {top}")
+    if sink_threshold is not None and not sink_threshold > 0:
+        raise HarnessError(f"--sink-threshold must be a positive sink score; got {sink_threshold}")
+    if not 0 <= flip_margin < 1:
+        raise HarnessError(f"--flip-margin must be a fraction in [0, 1); got {flip_margin}")
     aligned = compare.align(a, b, labels=labels, layers=layers, metric=metric, steps=steps)
     chosen = compare.pick_step(aligned, "last" if steps is not None else step)
     threshold = compare.SINK_HEAD_THRESHOLD[metric] if sink_threshold is None else sink_threshold
