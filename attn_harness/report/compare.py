@@ -11,8 +11,9 @@ Flips (a head whose sink sign, sink-head membership or diagonal dominance change
 only when both values lie at least ``margin`` x scale away from the boundary: the scale is
 the sink threshold for the sink sign (boundary 0) and membership (boundary the threshold),
 and one half for diagonal dominance (boundary a 50% share of query rows). With the default
-10% margin, +0.032 -> -0.040 logits is noise, not a flip; at 21 query frames a dominance
-change must move more than one row. Changes within the margin are listed, not counted.
+10% margin, +0.032 -> -0.040 logits is noise, not a flip; at 21 query frames 10/21 and 11/21
+of the rows lie within 5 points of 50%, so a dominance flip needs 9/21 against 12/21 or more.
+Changes within the margin are listed, not counted.
 """
 
 from __future__ import annotations
