@@ -276,3 +276,11 @@ def test_mismatched_geometry_writes_no_file(tmp_path):
     with pytest.raises(HarnessError, match="key_frame|query_frame"):
         render_compare(planted_dataset(frames=9), planted_dataset(frames=6), tmp_path / "c.html")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("before, after, counted", [(10, 11, False), (9, 11, False), (9, 12, True), (12, 5, True)])
+def test_a_dominance_flip_at_21_query_frames_needs_both_shares_five_points_from_half(before, after, counted):
+    aligned = compare.align(planted_dataset(), planted_dataset())
+    rows = [{"head": 0, "sink": (2.0, 2.0, 0.0), "diagonal_dominance": (before / 21, after / 21)}]
+    (found,) = compare.flips(aligned, 1, 5, rows=rows)
+    assert found["kind"].startswith("diagonal dominance") and found["counted"] is counted
