@@ -17,6 +17,7 @@ from attn_harness import __version__
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import DTYPES, MASKS, MODES, Probe
 from attn_harness.core.schema import LEGACY_MASKS
+from attn_harness.report.settings import DEFAULT_TOP, FLIP_MARGIN, SINK_HEAD_THRESHOLD
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -264,9 +265,10 @@ def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="compare two extractions (e.g. two checkpoints) in one HTML page",
-        description="Per layer A and B heatmaps with B - A on a symmetric scale, per-head deltas, "
-        "a table of flips (sink sign, sink-head membership, diagonal dominance) and an overview "
-        "of mean |B - A| per layer x head.",
+        description="The provenance of both sides (a warning when the probes differ), an overview of "
+        "mean |B - A| per layer x head, the layers ranked by it, flips beyond a noise margin (sink sign, "
+        "sink-head membership, diagonal dominance), per-head deltas of every layer, and A, B and B - A "
+        "head grids for the top layers (values under the pointer, click to enlarge).",
     )
     p.add_argument("a", type=Path, help="first extraction (.nc)")
     p.add_argument("b", type=Path, help="second extraction (.nc)")
@@ -274,8 +276,33 @@ def _add_compare(sub) -> None:
     p.add_argument("--labels", default="A,B", help="two labels, comma-separated, e.g. base,distilled")
     p.add_argument("--layers", type=parse_int_list, default=None, help="layers to compare (default: all shared)")
     p.add_argument("--metric", choices=("logits", "mass"), default="logits", help="variable to compare")
-    p.add_argument("--step", default="last", help="first, mid, last or a step index for the per-layer grids")
+    p.add_argument("--step", default="last",
+                   help="first, mid, last or a step of A: the step of the ranking, flips and grids (paired by position)")
+    p.add_argument("--steps", type=_step_pair, default=None, metavar="A_STEP,B_STEP",
+                   help="compare one step of each side (first, mid, last or a captured step), e.g. last,0")
+    p.add_argument("--top", type=_top, default=DEFAULT_TOP, metavar="K|all",
+                   help=f"draw full head grids for the K layers that differ most, or all (default {DEFAULT_TOP})")
+    p.add_argument("--sink-threshold", type=float, default=None, metavar="X",
+                   help="sink score that makes a sink head (default: "
+                   + ", ".join(f"{v:g} for {k}" for k, v in SINK_HEAD_THRESHOLD.items()) + ")")
+    p.add_argument("--flip-margin", type=float, default=FLIP_MARGIN, metavar="F",
+                   help=f"a flip counts when both values are F x scale from the boundary (default {FLIP_MARGIN})")
     p.set_defaults(func=cmd_compare)
+
+
+def _step_pair(text: str) -> tuple[int | str, int | str]:
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"needs two steps like last,0 (A's step, then B's); got {text!r}")
+    return tuple(int(part) if part.isdigit() else part for part in parts)
+
+
+def _top(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"needs a positive number of layers or 'all'; got {text!r}")
+    return int(text)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -295,6 +322,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         metric=args.metric,
         step=step,
         sources=(str(args.a), str(args.b)),
+        top=args.top,
+        steps=args.steps,
+        sink_threshold=args.sink_threshold,
+        flip_margin=args.flip_margin,
     )
     print(f"wrote {out}")
     return 0

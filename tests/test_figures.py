@@ -180,6 +180,8 @@ def test_head_bars_plot_the_query_profile_with_the_sink_score_in_each_title():
         np.testing.assert_allclose(heights, profile[head], atol=TOL)
         assert ax.get_title() == f"H{head} (sink={sinks[head]:+.2f})"
     assert sinks[0] > 3.0 > abs(sinks[1])
+    assert fig.get_suptitle() == "Layer 0, step 0: logits, mean over query frames [6, 7, 8] (latent) per key frame"
+    assert [ax.get_ylabel() for ax in panels] == ["mean attention logit (block mean)", "", "mean attention logit (block mean)", ""]
 
 
 def test_stats_table_lists_every_head_with_the_seed_statistics():

@@ -217,11 +217,13 @@ def head_bars(
     title: str | None = None,
     pixel_frames: int | None = None,
     temporal_stride: int = 4,
+    metric: str = "logits",
 ) -> Figure:
     """The seed's figure 2: per head, the query frames' mean attention to each key frame.
 
     The sink score in each title comes from :func:`attn_harness.core.metrics.head_stats` on the latent
-    data (first - mid over the valid key frames), whatever unit the bars are drawn in.
+    data (first - mid over the valid key frames), whatever unit the bars are drawn in. The
+    default title names the layer and step (from ``da``'s scalar coords) and ``metric``.
     """
     da = da.transpose("head", "query_frame", "key_frame")
     stats = metrics.head_stats(da, query_frames)
@@ -246,7 +248,12 @@ def head_bars(
             ax.grid(True, alpha=0.3)
             if index // cols == rows - 1:
                 ax.set_xlabel(f"key frame ({_unit_label(shown)})")
-        fig.suptitle(title or f"Query frames {list(query_frames)} (latent): mean attention per key frame", fontweight="bold")
+            if index % cols == 0:
+                ax.set_ylabel(f"mean {LABELS.get(metric, metric)}")
+        where = ", ".join(f"{dim} {int(da[dim])}" for dim in ("layer", "step") if dim in da.coords and da[dim].ndim == 0)
+        default = f"{where.capitalize()}: {metric}, " if where else f"{metric}: "
+        default += f"mean over query frames {list(query_frames)} (latent) per key frame"
+        fig.suptitle(title or default, fontweight="bold")
     return fig
 
 
