@@ -15,7 +15,9 @@ from pathlib import Path
 
 from attn_harness import __version__
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.probe import MASKS, PROBE_FIELDS, Probe, ProbeError
+from attn_harness.core.probe import PROBE_FIELDS, Probe, ProbeError
+from attn_harness.core.schema import LEGACY_MASKS
+from attn_harness.report.settings import DEFAULT_TOP, FLIP_MARGIN, SINK_HEAD_THRESHOLD
 from attn_harness.core.vocabulary import DEFAULT_STEP, REQUIRED, FieldError, parse_layers, parse_step, step_index
 
 EMBEDDED_NAMES = "tiny-random, tiny-trained, tiny-trained-causal"  # attn_harness.model.models.EMBEDDED
@@ -94,7 +96,11 @@ def _add_extract(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
     p.add_argument("--layers", default="all", help="blocks to capture: all, or e.g. 0-3,5")
     for key, field_ in PROBE_FIELDS.items():
-        shown = ",".join(field_.default) if isinstance(field_.default, tuple) else field_.default_text()
+        if field_.kind == "bool" and field_.default is True:  # a switch that turns it off
+            p.add_argument("--no-" + key.replace("_", "-"), dest=f"probe_{key}", action="store_const", const="false",
+                           default=None, help=f"do not {field_.doc}")
+            continue
+        shown = ",".join(str(v) for v in field_.default) if isinstance(field_.default, tuple) else field_.default_text()
         default = "" if field_.default is REQUIRED or "default:" in field_.doc else f" (default: {shown})"
         choices = f"; one of {', '.join(field_.choices)}" if field_.choices else ""
         p.add_argument(_flag(key), dest=f"probe_{key}", default=None, metavar=key.upper(),
@@ -145,7 +151,7 @@ def _add_import_legacy(sub) -> None:
     )
     p.add_argument("file", type=Path, help="the legacy .pt file")
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write")
-    p.add_argument("--mask", choices=("auto",) + MASKS, default="auto", help="mask of the file (auto: detect)")
+    p.add_argument("--mask", choices=("auto",) + LEGACY_MASKS, default="auto", help="mask of the file (auto: detect)")
     p.set_defaults(func=cmd_import_legacy)
 
 
@@ -263,9 +269,10 @@ def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="compare two extractions (e.g. two checkpoints) in one HTML page",
-        description="Per layer A and B heatmaps with B - A on a symmetric scale, per-head deltas, "
-        "a table of flips (sink sign, sink-head membership, diagonal dominance) and an overview "
-        "of mean |B - A| per layer x head.",
+        description="The provenance of both sides (a warning when the probes differ), an overview of "
+        "mean |B - A| per layer x head, the layers ranked by it, flips beyond a noise margin (sink sign, "
+        "sink-head membership, diagonal dominance), per-head deltas of every layer, and A, B and B - A "
+        "head grids for the top layers (values under the pointer, click to enlarge).",
         formatter_class=_Formatter,
     )
     p.add_argument("a", type=Path, help="first extraction (.nc)")
@@ -274,8 +281,33 @@ def _add_compare(sub) -> None:
     p.add_argument("--labels", default="A,B", help="two labels, comma-separated, e.g. base,distilled")
     p.add_argument("--layers", default=None, help="layers to compare, e.g. 0-3,5 (default: all shared)")
     p.add_argument("--metric", choices=("logits", "mass"), default="logits", help="variable to compare")
-    p.add_argument("--step", type=_step_arg, default=DEFAULT_STEP, help=STEP_HELP + " (of A) for the per-layer grids")
+    p.add_argument("--step", type=_step_arg, default=DEFAULT_STEP, help=STEP_HELP + " (of A): the step of the "
+                   "ranking, flips and grids (paired by position)")
+    p.add_argument("--steps", type=_step_pair, default=None, metavar="A_STEP,B_STEP",
+                   help="compare one step of each side (first, mid, last or a captured step), e.g. last,0")
+    p.add_argument("--top", type=_top, default=DEFAULT_TOP, metavar="K|all",
+                   help=f"draw full head grids for the K layers that differ most, or all (default {DEFAULT_TOP})")
+    p.add_argument("--sink-threshold", type=float, default=None, metavar="X",
+                   help="sink score that makes a sink head (default: "
+                   + ", ".join(f"{v:g} for {k}" for k, v in SINK_HEAD_THRESHOLD.items()) + ")")
+    p.add_argument("--flip-margin", type=float, default=FLIP_MARGIN, metavar="F",
+                   help=f"a flip counts when both values are F x scale from the boundary (default {FLIP_MARGIN})")
     p.set_defaults(func=cmd_compare)
+
+
+def _step_pair(text: str) -> tuple[int | str, int | str]:
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"needs two steps like last,0 (A's step, then B's); got {text!r}")
+    return tuple(int(part) if part.isdigit() else part for part in parts)
+
+
+def _top(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"needs a positive number of layers or 'all'; got {text!r}")
+    return int(text)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -300,6 +332,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         metric=args.metric,
         step=step,
         sources=(str(args.a), str(args.b)),
+        top=args.top,
+        steps=args.steps,
+        sink_threshold=args.sink_threshold,
+        flip_margin=args.flip_margin,
     )
     print(f"wrote {out}")
     return 0

@@ -93,7 +93,7 @@ def test_stats_query_frames_select_the_profile(extraction, capsys):
         (["extract", "--model", "tiny-random", "--out", "{out}", "--seed", str(2**64)], "--seed"),
         (["extract", "--model", "tiny-random", "--out", "{out}", "--sample-steps", "10000000"], "must be <= 1000"),
         (["extract", "--model", "tiny-random", "--out", "{out}", "--mode", "rollout", "--mask", "bidirectional"],
-         "--mask: mode 'rollout' attends block-causally"),
+         "--mask: mode 'rollout' attends to a KV cache"),
         (["stats", "{nc}", "--layer", "0", "--step", "middle"], "--step: a step is first, mid, last or an index"),
     ],
 )

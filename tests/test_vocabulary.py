@@ -66,7 +66,8 @@ def test_every_probe_field_is_a_cli_flag_and_a_probe_attribute():
     extract = build_parser()._subparsers._group_actions[0].choices["extract"]
     flags = {flag for action in extract._actions for flag in action.option_strings}
     for key, field_ in PROBE_FIELDS.items():
-        assert (field_.flag or "--" + key.replace("_", "-")) in flags
+        switch = field_.kind == "bool" and field_.default is True  # --no-warp-timesteps
+        assert ("--no-" + key.replace("_", "-") if switch else field_.flag or "--" + key.replace("_", "-")) in flags
         assert hasattr(Probe(), field_.attr or key)
 
 
@@ -130,7 +131,7 @@ def test_the_probe_validates_itself_whoever_builds_it():
     with pytest.raises(HarnessError, match="frames: must be >= 1"):
         Probe(num_frames=0)
     assert Probe(mode="rollout").mask == "block-causal"
-    with pytest.raises(HarnessError, match="mode 'rollout' attends block-causally"):
+    with pytest.raises(HarnessError, match="mode 'rollout' attends to a KV cache of earlier blocks"):
         Probe(mode="rollout", mask="bidirectional")
     assert Probe(capture_steps="last", metrics="logits").capture_steps == ("last",)
 

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.frames import MASKS
 from attn_harness.core.vocabulary import Field, FieldError, resolve_step
 
 DTYPES = ("float32", "bfloat16", "float16")
-MASKS = ("bidirectional", "block-causal")
+METRIC_NAMES = ("logits", "mass", "text_mass")
 BRANCHES = ("cond", "uncond")
 MODES = ("teacher-forced", "rollout")
-METRICS = ("logits", "mass")
+METRICS = METRIC_NAMES
 
 # YAML key -> field. ``attr`` is the Probe attribute where it differs; ``flag`` the CLI flag.
 PROBE_FIELDS: dict[str, Field] = {
@@ -42,10 +43,19 @@ PROBE_FIELDS: dict[str, Field] = {
     "dtype": Field("choice", "float32", "model dtype (statistics are always float32)", DTYPES),
     "device": Field("device", "auto", "auto picks CUDA when present"),
     "branch": Field("choice", "cond", "CFG branch to capture", BRANCHES),
-    "metrics": Field("choices", METRICS, "variables to store: logits, optionally mass", METRICS),
+    "metrics": Field("choices", ("logits", "mass"), "variables to store: logits, optionally mass, text_mass",
+                     METRIC_NAMES),
     "mode": Field("choice", "teacher-forced",
                   "teacher-forced: whole clip per step; rollout: block by block with a KV cache", MODES),
     "prompt_embeds": Field("str", None, "text embeddings file replacing the text encoder"),
+    "sink_frames": Field("int", 0, "mask sink-window: latent frames at the start every block keeps", low=0, high=1000),
+    "window_frames": Field("int", 0, "mask sink-window: latest latent frames before the block it keeps",
+                           low=0, high=1000),
+    "denoising_timesteps": Field("numbers", None, "few-step sampler timesteps, descending (replaces UniPC)",
+                                 low=0, high=1000),
+    "warp_timesteps": Field("bool", True, "warp denoising_timesteps by shift"),
+    "capture_timesteps": Field("numbers", (), "capture the steps nearest these timesteps instead of capture_steps",
+                               low=0, high=1000),
 }
 PROBE_ATTRS: dict[str, str] = {key: f.attr or key for key, f in PROBE_FIELDS.items()}
 
@@ -68,7 +78,13 @@ class Probe:
     indices. ``prompt_embeds`` (a file) replaces the text encoder. ``mode`` ``teacher-forced``
     denoises the whole clip in one pass per step (under ``mask``); ``rollout`` denoises it block
     by block with a KV cache of the earlier clean blocks (``attn_harness.sampling.rollout``) and
-    attends block-causally (``mask`` defaults to block-causal; bidirectional is refused).
+    attends block-causally (``mask`` defaults to block-causal; ``sink-window`` keeps the first
+    ``sink_frames`` frames and the last ``window_frames`` frames before the block; bidirectional
+    is refused). ``denoising_timesteps`` (e.g. ``(1000, 750, 500, 250)``) replaces the UniPC
+    schedule with the few-step sampler of distilled models (predict x0, re-noise to the next
+    timestep), warped by ``shift`` when ``warp_timesteps``. ``capture_timesteps`` captures the
+    steps nearest to those timestep values instead of ``capture_steps``. ``metrics`` may add
+    ``text_mass``, the cross-attention mass over text tokens.
     """
 
     prompt: str = "a red square moving from left to right"
@@ -90,6 +106,11 @@ class Probe:
     branch: str = "cond"
     prompt_embeds: str | None = None
     mode: str = "teacher-forced"
+    sink_frames: int = 0
+    window_frames: int = 0
+    denoising_timesteps: tuple[float, ...] | None = None
+    warp_timesteps: bool = True
+    capture_timesteps: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for key, field_ in PROBE_FIELDS.items():
@@ -103,12 +124,18 @@ class Probe:
         except FieldError as err:
             raise ProbeError("layers", err.message) from None
         if "logits" not in self.metrics:
-            raise ProbeError("metrics", f"must include 'logits' and may add 'mass'; got {list(self.metrics)}")
+            raise ProbeError("metrics", f"must include 'logits' and may add 'mass', 'text_mass'; got {list(self.metrics)}")
         if self.mask is None:
             object.__setattr__(self, "mask", "block-causal" if self.mode == "rollout" else "bidirectional")
-        if self.mode == "rollout" and self.mask != "block-causal":
-            raise ProbeError("mask", "mode 'rollout' attends block-causally (each block sees the cached earlier "
-                             "blocks): leave mask out or set it to block-causal")
+        if self.mode == "rollout" and self.mask == "bidirectional":
+            raise ProbeError("mask", "mode 'rollout' attends to a KV cache of earlier blocks: leave mask out or set it "
+                             "to block-causal or sink-window")
+        if (self.sink_frames or self.window_frames) and self.mask != "sink-window":
+            raise ProbeError("sink_frames", f"sink_frames/window_frames apply to mask sink-window only; got mask {self.mask!r}")
+        if self.denoising_timesteps is not None:
+            steps = list(self.denoising_timesteps)
+            if any(t <= 0 for t in steps) or steps != sorted(set(steps), reverse=True):
+                raise ProbeError("denoising_timesteps", f"must be distinct values in (0, 1000], descending; got {steps}")
         late = [s for s in self.capture_steps if resolve_step(s, self.sample_steps) >= self.sample_steps]
         if late:
             raise ProbeError("capture_steps", f"step {late[0]} is out of range: sampling runs steps "

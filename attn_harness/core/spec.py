@@ -55,6 +55,7 @@ class Tolerance:
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "logits": Tolerance(atol=1e-4, rtol=1e-4),
     "mass": Tolerance(atol=1e-5, rtol=1e-4),
+    "text_mass": Tolerance(atol=1e-5, rtol=1e-4),  # a probability, like mass
 }
 
 
@@ -294,7 +295,7 @@ class _Ctx:
 
 
 SPEC_KEYS = ("name", "description", "model", "base_model", "probe", "layers", "baseline", "marks")
-BASELINE_KEYS = ("file", "layers", "logits", "mass")
+BASELINE_KEYS = ("file", "layers", "logits", "mass", "text_mass")
 
 
 def _property_check(ctx: _Ctx, item: Any, where: str, line: int) -> PropertyCheck:
@@ -373,6 +374,9 @@ def _groups(ctx: _Ctx, layers: Any, line: int) -> tuple[LayerGroup, ...]:
 def _probe_values(ctx: _Ctx, raw: Any, line: int) -> dict[str, Any]:
     """Every probe key checked against the vocabulary (each bad key noted at its line)."""
     raw = {} if raw is None else ctx.mapping(raw, "probe", line, PROBE_FIELDS)
+    if "capture_steps" in raw and "capture_timesteps" in raw:
+        ctx.note(_line(raw, "capture_timesteps", line),
+                 "probe: give capture_steps or capture_timesteps, not both (capture_timesteps replaces capture_steps)")
     values: dict[str, Any] = {}
     for key, field_ in PROBE_FIELDS.items():
         if key in raw:

@@ -204,6 +204,8 @@ class Field:
             return "all"
         if kind == "numbers":  # finite numbers within the bounds, e.g. timesteps
             values = value if isinstance(value, (list, tuple)) else [value]
+            if not values and self.default == ():
+                return ()
             if not values or not all(is_number(v) for v in values):
                 return None
             return tuple(float(self._bounded(v)) for v in values)
