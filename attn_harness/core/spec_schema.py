@@ -49,7 +49,7 @@ def json_schema() -> dict[str, Any]:
             {"type": "boolean"},
             {"type": "null"},
             _object({}, {
-                "file": {"type": "string", "description": f"template under baselines/ with {{spec}} and {{layer}}",
+                "file": {"type": "string", "description": "template under baselines/ with {spec} and {layer}",
                          "default": DEFAULT_BASELINE_FILE},
                 "layers": Field("layers", None, "layers with a baseline (default: every checked layer)").json_schema(),
                 "logits": tolerance,
