@@ -23,7 +23,7 @@ import xarray as xr
 from attn_harness.core import metrics
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells
-from attn_harness.core.schema import DIMS
+from attn_harness.core.schema import DIMS, METRICS, PROBABILITIES
 
 REQUIRED = object()  # marks a parameter without a default
 MAX_LISTED = 10  # violations spelled out in a failure message (all are in ``violations``)
@@ -34,7 +34,7 @@ MAX_RECORDED = 200  # violations kept in a result (the JSON record stays small)
 class Param:
     """One parameter: its kind (how values are validated), default and meaning."""
 
-    kind: str  # number | int | bool | choice | frames | heads | steps | int_list
+    kind: str  # number | int | bool | choice | frames | heads | steps | int_list | type_map
     default: Any = REQUIRED
     doc: str = ""
     choices: tuple[str, ...] = ()
@@ -56,6 +56,10 @@ class Param:
             return tuple(int(v) for v in value)
         if kind == "heads" and (value == "all" or _is_int_list(value)):
             return value if value == "all" else tuple(int(v) for v in value)
+        if kind == "type_map" and isinstance(value, Mapping) and value and all(
+            _is_int(h) and t in metrics.HEAD_TYPES for h, t in value.items()
+        ):
+            return {int(h): t for h, t in value.items()}
         if kind == "steps" and (
             value == "all" or (isinstance(value, (list, tuple)) and value and all(_is_int(v) or v in ("first", "last") for v in value))
         ):
@@ -72,6 +76,7 @@ class Param:
             "int_list": "a list of integers",
             "heads": "'all' or a list of head indices",
             "steps": "'all' or a list of step indices (first and last allowed)",
+            "type_map": "a mapping of head index to one of " + ", ".join(metrics.HEAD_TYPES),
         }[self.kind] + (" or null" if self.default is None else "")
 
 
@@ -88,7 +93,7 @@ def _is_int_list(value: Any) -> bool:
 
 
 COMMON_PARAMS: dict[str, Param] = {
-    "metric": Param("choice", None, "variable to check (default per property)", ("logits", "mass")),
+    "metric": Param("choice", None, "variable to check (default per property)", METRICS),
     "heads": Param("heads", "all", "heads to check"),
     "steps": Param("steps", "all", "denoising steps to check (step coordinate values)"),
     "mostly": Param("number", 1.0, "share of units (cells, rows or heads) that must pass, in (0, 1]"),
@@ -155,8 +160,10 @@ class Property:
     params: dict[str, Param]
     fn: PropertyFn
     default_metric: str = "logits"
-    metrics: tuple[str, ...] = ("logits", "mass")
+    metrics: tuple[str, ...] = METRICS
     requires_one_of: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()  # further variables the function takes as keyword arguments
+    needs_dims: tuple[str, ...] = ()  # dims beyond one extraction's (a history's ``checkpoint``)
 
 
 PROPERTIES: dict[str, Property] = {}
@@ -347,7 +354,7 @@ def causal(da: xr.DataArray, params: dict) -> Evaluation:
             f"causal: block_size {block_size} puts all {da.sizes['key_frame']} frames in one block, so nothing "
             "is masked and there is nothing to check; use a smaller block_size"
         )
-    if da.name == "mass":
+    if da.name in PROBABILITIES:
         tol = params["tol"]
         bad = hidden & ~(np.abs(da) <= tol)
         expected = f"0 (masked, |mass| <= {tol:g})"
@@ -440,6 +447,60 @@ def sink_heads(da: xr.DataArray, params: dict) -> Evaluation:
     )
 
 
+def head_types(da: xr.DataArray, params: dict, *, aligned_mass: xr.DataArray) -> Evaluation:
+    thresholds = {name: params[name] for name in metrics.HEAD_TYPE_THRESHOLDS}
+    kinds = _ordered(metrics.head_types(_visible_only(da), aligned_mass, thresholds))
+    shares = metrics.head_shares(da, aligned_mass)
+
+    def note(loc: dict) -> str:
+        one = shares.sel({k: v for k, v in loc.items() if k in shares.dims})
+        return f"{kinds.sel(loc).item()}: first {float(one['first']):.3f}, own {float(one['own']):.3f}, aligned {float(one['aligned']):.3f}"
+
+    expected_of = {int(h): t for h, t in (params["expected"] or {}).items()}
+    unknown = sorted(set(expected_of) - set(int(h) for h in kinds["head"].values))
+    if unknown:
+        raise HarnessError(f"head_types: expected heads {unknown} are not among the checked heads")
+    listed = xr.DataArray([int(h) in expected_of for h in kinds["head"].values], dims="head", coords={"head": kinds["head"]})
+    want = xr.DataArray([expected_of.get(int(h), "") for h in kinds["head"].values], dims="head", coords={"head": kinds["head"]})
+    bad = listed & (kinds != want)
+    unit, units = "heads", int(kinds.size)
+    parts = [f"types {dict(sorted(expected_of.items()))}"] if expected_of else []
+    if params["stable_across"] == "steps":
+        changes = (kinds != kinds.isel(step=0)).any("step")
+        bad = bad.any("step") | changes
+        unit, units = "heads across steps", int(changes.size)
+        parts.append("the same type at every step")
+    counts = {t: int((kinds == t).sum()) for t in metrics.HEAD_TYPES}
+    return Evaluation(
+        unit=unit,
+        units=units,
+        failing=int(bad.sum()),
+        violations=_collect(bad, xr.zeros_like(bad, dtype=float), lambda loc: " and ".join(parts), note),
+        observed="head types: " + ", ".join(f"{t} {n}" for t, n in counts.items()),
+        expected=" and ".join(parts) + f" (thresholds {thresholds})",
+    )
+
+
+def trend(da: xr.DataArray, params: dict) -> Evaluation:
+    frames = _query_frames(da, params)
+    last = params["last"]
+    history = da.isel(checkpoint=slice(-last, None))
+    sink = _ordered(metrics.sink_trend(_visible_only(history), frames))
+    peak = sink.max("checkpoint")
+    drop = peak - sink.isel(checkpoint=-1)
+    bad = drop > params["max_drop"]
+    steps = [int(s) for s in history["train_step"].values] if "train_step" in history.coords else []
+    expected = f"sink falls by at most {params['max_drop']:g} from its peak over the last {last} checkpoints"
+    return Evaluation(
+        unit="heads",
+        units=int(drop.size),
+        failing=int(bad.sum()),
+        violations=_collect(bad, drop, expected, lambda loc: f"peak {float(peak.sel(loc)):.4g}, now {float(sink.isel(checkpoint=-1).sel(loc)):.4g}"),
+        observed=f"largest fall {float(drop.max()):.4g} over train steps {steps}",
+        expected=expected,
+    )
+
+
 QUERY_FRAMES = Param("frames", None, "query frames of the profile (default: the last block)")
 
 _register(Property(
@@ -521,6 +582,38 @@ _register(Property(
 ))
 
 
+_register(Property(
+    name="head_types",
+    formula="per head, over query frames a >= 1: first = mass[a, 0], own = mass[a, a], aligned = "
+    "sum over b != a of aligned_mass[a, b]; type = sink if first >= sink, else spatial if own >= spatial, "
+    "else temporal if aligned >= temporal, else mixed; the listed heads must have their type "
+    "(and with stable_across: steps, every head keeps one type at every step)",
+    params={
+        "expected": Param("type_map", None, "head index -> sink, spatial, temporal or mixed"),
+        "stable_across": Param("choice", None, "every head keeps its type across these", ("steps",)),
+        **{name: Param("number", value, f"share at which a head counts as {name}")
+           for name, value in metrics.HEAD_TYPE_THRESHOLDS.items()},
+    },
+    fn=head_types,
+    default_metric="mass",
+    metrics=("mass",),
+    requires_one_of=("expected", "stable_across"),
+    uses=("aligned_mass",),
+))
+_register(Property(
+    name="trend",
+    formula="on a training history (dim checkpoint): per head, sink over the last N checkpoints; "
+    "max(sink) - sink at the latest checkpoint <= max_drop",
+    params={
+        "max_drop": Param("number", REQUIRED, "largest allowed fall of the sink score from its peak"),
+        "last": Param("int", 3, "how many of the latest checkpoints to look at"),
+        "query_frames": QUERY_FRAMES,
+    },
+    fn=trend,
+    needs_dims=("checkpoint",),
+))
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -587,7 +680,12 @@ def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: in
         raise HarnessError(f"unknown property {name!r}; known: {', '.join(PROPERTIES)}")
     params = normalize_params(name, params)
     da = _select(ds, params, layer)
-    ev = PROPERTIES[name].fn(da, params)
+    prop = PROPERTIES[name]
+    missing = [dim for dim in prop.needs_dims if dim not in ds.dims]
+    if missing:
+        raise HarnessError(f"{name} needs data with dims {missing} (a training history); got dims {dict(ds.sizes)}")
+    extra = {var: _select(ds, {**params, "metric": var}, layer) for var in prop.uses}
+    ev = prop.fn(da, params, **extra)
     passing = ev.units - ev.failing
     share = passing / ev.units if ev.units else 1.0
     ok = share >= params["mostly"]

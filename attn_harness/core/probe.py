@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.schema import METRICS
 
 DTYPES = ("float32", "bfloat16", "float16")
 MASKS = ("bidirectional", "block-causal")
@@ -51,9 +52,11 @@ class Probe:
             value = getattr(self, name)
             if value not in allowed:
                 raise HarnessError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        bad_metrics = [m for m in self.metrics if m not in ("logits", "mass")]
+        bad_metrics = [m for m in self.metrics if m not in METRICS]
         if bad_metrics or "logits" not in self.metrics:
-            raise HarnessError(f"metrics must include 'logits' and may add 'mass'; got {list(self.metrics)}")
+            raise HarnessError(
+                f"metrics must include 'logits' and may add 'mass' and 'aligned_mass'; got {list(self.metrics)}"
+            )
         if self.sample_steps < 1:
             raise HarnessError(f"sample_steps must be at least 1; got {self.sample_steps}")
         if self.block_size < 1:

@@ -1,6 +1,6 @@
 """The data contract of one extraction (DESIGN.md section 4), shared by every module.
 
-An extraction is an ``xarray.Dataset`` with variables ``logits`` and (optionally) ``mass``
+An extraction is an ``xarray.Dataset`` with variables ``logits`` and (optionally) ``mass`` and ``aligned_mass``
 over the dims ``(step, layer, head, query_frame, key_frame)``, a ``timestep`` coordinate on
 ``step``, and JSON-safe attrs (structured values JSON-encoded, no bools).
 """
@@ -16,7 +16,9 @@ import xarray as xr
 
 SCHEMA_VERSION = 1
 DIMS: tuple[str, ...] = ("step", "layer", "head", "query_frame", "key_frame")
-METRICS: tuple[str, ...] = ("logits", "mass")
+METRICS: tuple[str, ...] = ("logits", "mass", "aligned_mass")
+# Probability statistics: in [0, 1], 0 on cells a mask hides (logits are NaN there).
+PROBABILITIES: tuple[str, ...] = ("mass", "aligned_mass")
 
 # Attrs every extraction carries. Legacy imports fill what the seed files know and
 # write "unknown" for the rest.
@@ -98,6 +100,10 @@ def build_dataset(
     ds["logits"].attrs["long_name"] = "block-mean pre-softmax attention logit"
     if "mass" in ds:
         ds["mass"].attrs["long_name"] = "softmax probability mass from query frame to key frame"
+    if "aligned_mass" in ds:
+        ds["aligned_mass"].attrs["long_name"] = (
+            "softmax probability from a query to the key at its own spatial position in the key frame"
+        )
     ds.attrs = {key: json_safe_attr(value) for key, value in attrs.items()}
     ds.attrs.setdefault("schema_version", SCHEMA_VERSION)
     return ds

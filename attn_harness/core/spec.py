@@ -43,6 +43,7 @@ class Tolerance:
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "logits": Tolerance(atol=1e-4, rtol=1e-4),
     "mass": Tolerance(atol=1e-5, rtol=1e-4),
+    "aligned_mass": Tolerance(atol=1e-5, rtol=1e-4),
 }
 
 
@@ -271,7 +272,7 @@ PROBE_KEYS: dict[str, tuple[str, str]] = {
     "prompt_embeds": ("prompt_embeds", "str"),
 }
 SPEC_KEYS = ("name", "description", "model", "base_model", "probe", "layers", "baseline", "marks")
-BASELINE_KEYS = ("file", "layers", "logits", "mass")
+BASELINE_KEYS = ("file", "layers", "logits", "mass", "aligned_mass")
 
 
 def parse_layers(value: Any) -> str | tuple[int, ...]:

@@ -18,7 +18,7 @@ import xarray as xr
 from attn_harness.core.atomic import atomic_path
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells
-from attn_harness.core.schema import DIMS, MASKS, REQUIRED_ATTRS, json_safe_attr
+from attn_harness.core.schema import DIMS, MASKS, METRICS, PROBABILITIES, REQUIRED_ATTRS, json_safe_attr
 
 ENGINE = "h5netcdf"
 # zlib level 4 with byte shuffle: most of the gain of level 9 on float32 at a fraction of the time.
@@ -39,8 +39,13 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     Dataset is not modified. An existing file at ``path`` survives a failed write.
     """
     validate(ds)
+    return write_netcdf(ds, path)
+
+
+def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write ``ds`` atomically as NetCDF4 with NetCDF-safe attrs, without contract validation."""
     path = Path(path)
-    out = _storable(ds)
+    out = storable(ds)
     encoding = {name: dict(FLOAT_ENCODING) for name, var in out.data_vars.items() if var.dtype == np.float32}
     try:
         with atomic_path(path) as tmp:
@@ -63,9 +68,9 @@ def read_dataset(path: str | os.PathLike) -> xr.Dataset:
         raise HarnessError(
             f"{path} is not a NetCDF4/HDF5 file ({exc}); expected an attention extraction: {HOW_TO_WRITE}"
         ) from exc
-    ds.attrs = _restore_attrs(ds.attrs)
+    ds.attrs = restore_attrs(ds.attrs)
     for var in ds.variables.values():
-        var.attrs = _restore_attrs(var.attrs)
+        var.attrs = restore_attrs(var.attrs)
     problems = _problems(ds)
     if problems:
         raise HarnessError(f"{path} is not an attention extraction: {'; '.join(problems)}; {HOW_TO_WRITE}")
@@ -101,7 +106,7 @@ def dataset_summary(ds: xr.Dataset) -> str:
     )
 
 
-def _storable(ds: xr.Dataset) -> xr.Dataset:
+def storable(ds: xr.Dataset) -> xr.Dataset:
     """A shallow copy with NetCDF-safe attrs (the caller's Dataset keeps its own)."""
     out = ds.copy(deep=False)
     list_attrs = sorted(key for key, value in ds.attrs.items() if isinstance(json_safe_attr(value), list))
@@ -113,7 +118,7 @@ def _storable(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
-def _restore_attrs(attrs: dict) -> dict:
+def restore_attrs(attrs: dict) -> dict:
     """NetCDF attrs back to plain Python: arrays to lists, numpy scalars to numbers."""
     list_attrs = set(json.loads(attrs.get(LIST_ATTRS_KEY, "[]")))
     restored = {}
@@ -140,8 +145,9 @@ def _problems(ds: xr.Dataset) -> list[str]:
         masked = _masked_cells(ds, mask, block_size) if mask is not None else None
         if "logits" in good_vars:
             _logits_value_problems(ds["logits"], masked, mask, block_size, problems)
-        if "mass" in good_vars:
-            _mass_value_problems(ds["mass"], masked, problems)
+        for name in PROBABILITIES:
+            if name in good_vars:
+                _mass_value_problems(ds[name], masked, problems)
     return problems
 
 
@@ -150,7 +156,7 @@ def _variable_problems(ds: xr.Dataset, problems: list[str]) -> set[str]:
     if "logits" not in ds.data_vars:
         problems.append(f"missing variable 'logits' (found variables {sorted(map(str, ds.data_vars))})")
     good = set()
-    for name in ("logits", "mass"):
+    for name in METRICS:
         if name not in ds.data_vars:
             continue
         var = ds[name]

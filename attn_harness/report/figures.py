@@ -25,6 +25,7 @@ from PIL import Image
 
 from attn_harness.core import metrics
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.schema import PROBABILITIES
 from attn_harness.core.frames import expand_to_pixel_frames, num_latent_frames
 from attn_harness.core.atomic import write_atomic
 
@@ -44,10 +45,11 @@ STYLE: dict[str, object] = {
 }
 
 # Colormaps: logits and differences are signed (diverging, symmetric about 0); mass is a share.
-CMAPS: dict[str, str] = {"logits": "RdBu_r", "mass": "viridis", "difference": "RdBu_r"}
+CMAPS: dict[str, str] = {"logits": "RdBu_r", "mass": "viridis", "aligned_mass": "viridis", "difference": "RdBu_r"}
 LABELS: dict[str, str] = {
     "logits": "attention logit (block mean)",
     "mass": "attention mass",
+    "aligned_mass": "aligned attention mass",
     "difference": "difference",
 }
 MASKED_COLOR = "#d0d0d0"
@@ -168,7 +170,7 @@ def head_grid(
         raise HarnessError(f"head_grid needs dims (head, query_frame, key_frame); got {da.dims}")
     shown = _display(da.transpose("head", "query_frame", "key_frame"), pixel_frames, temporal_stride)
     values = shown.values.astype(np.float64)
-    if metric == "mass":
+    if metric in PROBABILITIES:
         vmin = 0.0
         vmax = limit if limit is not None else (float(np.nanmax(values)) if np.isfinite(values).any() else 1.0)
     else:
@@ -451,4 +453,60 @@ def difference_overview(
             ax.set_title(f"step {step} ({labels[0]}) / {b_step} ({labels[1]})")
         fig.colorbar(image, ax=axes, shrink=0.9).set_label(f"mean |{labels[1]} - {labels[0]}|")
         fig.suptitle(f"Where {labels[1]} differs from {labels[0]}: mean |difference| per layer and head", fontweight="bold")
+    return fig
+
+
+HEAD_TYPE_COLORS: dict[str, str] = {"sink": "#d55e00", "spatial": "#0173b2", "temporal": "#029e73", "mixed": "#bbbbbb"}
+
+
+def head_type_map(ds: xr.Dataset, step: int, thresholds: Mapping[str, float] | None = None) -> Figure:
+    """Layer x head map of head types (sink, spatial, temporal, mixed) at one step, shares annotated."""
+    _select(ds, "step", step)
+    mass, aligned = _require(ds, "mass").sel(step=step), _require(ds, "aligned_mass").sel(step=step)
+    kinds = metrics.head_types(mass, aligned, dict(thresholds or {})).transpose("layer", "head")
+    shares = metrics.head_shares(mass, aligned).transpose("layer", "head")
+    codes = np.vectorize(metrics.HEAD_TYPES.index)(kinds.values)
+    layers, heads = kinds.sizes["layer"], kinds.sizes["head"]
+    cmap = matplotlib.colors.ListedColormap([HEAD_TYPE_COLORS[t] for t in metrics.HEAD_TYPES])
+    with style():
+        fig = Figure(figsize=(0.55 * heads + 2.6, 0.32 * layers + 1.7), layout="constrained")
+        ax = fig.subplots()
+        ax.imshow(codes, cmap=cmap, vmin=-0.5, vmax=len(metrics.HEAD_TYPES) - 0.5, origin="lower", aspect="auto")
+        if layers * heads <= 96:
+            for (row, col), kind in np.ndenumerate(kinds.values):
+                share = {"sink": "first", "spatial": "own", "temporal": "aligned"}.get(kind)
+                text = f"{kind[:4]}\n{float(shares[share].values[row, col]):.2f}" if share else "mix"
+                ax.text(col, row, text, ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(heads), [str(int(h)) for h in kinds["head"].values])
+        ax.set_yticks(frame_ticks(layers), [str(int(kinds["layer"].values[i])) for i in frame_ticks(layers)])
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        handles = [Rectangle((0, 0), 1, 1, color=HEAD_TYPE_COLORS[t]) for t in metrics.HEAD_TYPES]
+        fig.legend(handles, metrics.HEAD_TYPES, loc="outside right upper")
+        fig.suptitle(f"Step {step}: head types from mass and aligned_mass", fontweight="bold")
+    return fig
+
+
+def trend(history: xr.Dataset, layer: int, *, step: int | None = None, query_frames: Sequence[int] | None = None) -> Figure:
+    """Sink score of every head of one layer against the training step of each checkpoint."""
+    if "checkpoint" not in history.dims:
+        raise HarnessError(f"a trend needs a training history (dim 'checkpoint'); got dims {dict(history.sizes)}")
+    _select(history, "layer", layer)
+    step = int(history["step"].values[-1]) if step is None else step
+    _select(history, "step", step)
+    query_frames = list(query_frames) if query_frames is not None else metrics.default_query_frames(history)
+    sink = metrics.sink_trend(history["logits"].sel(layer=layer, step=step), query_frames)
+    train_steps = history["train_step"].values
+    with style():
+        fig = Figure(figsize=(6.4, 3.4), layout="constrained")
+        ax = fig.subplots()
+        colors = matplotlib.colormaps["tab10" if history.sizes["head"] <= 10 else "tab20"]
+        for head in sink["head"].values:
+            ax.plot(train_steps, sink.sel(head=head).values, "o-", color=colors(int(head) % colors.N), label=f"H{int(head)}", markersize=3)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("sink score (first - mid), logits")
+        ax.grid(True, alpha=0.3)
+        fig.legend(loc="outside right upper", ncols=max(1, math.ceil(history.sizes["head"] / 16)))
+        fig.suptitle(f"Layer {layer}, denoising step {step}: sink score over training (query frames {query_frames})", fontweight="bold")
     return fig
