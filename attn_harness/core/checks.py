@@ -453,8 +453,10 @@ def head_types(da: xr.DataArray, params: dict, *, aligned_mass: xr.DataArray) ->
     shares = metrics.head_shares(da, aligned_mass)
 
     def note(loc: dict) -> str:
-        one = shares.sel({k: v for k, v in loc.items() if k in shares.dims})
-        return f"{kinds.sel(loc).item()}: first {float(one['first']):.3f}, own {float(one['own']):.3f}, aligned {float(one['aligned']):.3f}"
+        kind, one = kinds.sel(loc), shares.sel(loc)
+        if kind.ndim:  # a head over several steps
+            return "types by step: " + ", ".join(f"{int(s)}={t}" for s, t in zip(kind["step"].values, kind.values))
+        return f"{kind.item()}: first {float(one['first']):.3f}, own {float(one['own']):.3f}, aligned {float(one['aligned']):.3f}"
 
     expected_of = {int(h): t for h, t in (params["expected"] or {}).items()}
     unknown = sorted(set(expected_of) - set(int(h) for h in kinds["head"].values))

@@ -253,20 +253,22 @@ def _logits_value_problems(
 
 
 def _mass_value_problems(mass: xr.DataArray, masked: xr.DataArray | None, problems: list[str]) -> None:
-    """Finite, 0 where masked, within [0, 1], rows summing to 1."""
+    """Finite, 0 where masked, within [0, 1]; ``mass`` rows (not ``aligned_mass``) sum to 1."""
+    name = mass.name
     finite = np.isfinite(mass)
-    _report(problems, ~finite, "mass is not finite at {where}")
+    _report(problems, ~finite, f"{name} is not finite at {{where}}")
     if masked is not None:
-        _report(problems, finite & masked & (mass != 0), "mass is not 0 at masked cell {where}")
+        _report(problems, finite & masked & (mass != 0), f"{name} is not 0 at masked cell {{where}}")
     _report(
         problems, finite & ((mass < 0) | (mass > 1 + MASS_RANGE_TOLERANCE)),
-        "mass is outside [0, 1] at {where}",
+        f"{name} is outside [0, 1] at {{where}}",
     )
-    row_sum = mass.astype(np.float64).sum("key_frame", skipna=False)
-    _report(
-        problems, np.abs(row_sum - 1) > MASS_ROW_TOLERANCE,
-        f"mass row does not sum to 1 (within {MASS_ROW_TOLERANCE}) at {{where}}",
-    )
+    if name == "mass":
+        row_sum = mass.astype(np.float64).sum("key_frame", skipna=False)
+        _report(
+            problems, np.abs(row_sum - 1) > MASS_ROW_TOLERANCE,
+            f"mass row does not sum to 1 (within {MASS_ROW_TOLERANCE}) at {{where}}",
+        )
 
 
 def _report(problems: list[str], bad: xr.DataArray, template: str) -> None:

@@ -97,5 +97,5 @@ class AttentionMonitor:
         if self.figure_layer is not None:
             from attn_harness.report.figures import head_grid
 
-            figure = head_grid(logits.sel(layer=self.figure_layer), "logits")
+            figure = head_grid(logits.sel(layer=self.figure_layer), title=f"layer {self.figure_layer} at train step {step}")
             self.writer.add_figure(f"attention/layer{self.figure_layer}/heads", figure, step)
