@@ -82,7 +82,7 @@ def _add_extract(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
     p.add_argument("--layers", default="all", type=_layers, help="blocks to capture: all, or e.g. 0-3,5")
     p.add_argument("--steps", default="first,mid,last", type=_steps, help="denoising steps to capture: first,mid,last or indices")
-    p.add_argument("--metrics", default="logits,mass", type=_metrics, help="logits, or logits,mass")
+    p.add_argument("--metrics", default="logits,mass", type=_metrics, help="logits, optionally with mass and aligned_mass")
     p.add_argument("--frames", type=int, default=None, help="pixel frames, 1 + 4k (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="pixel height, a multiple of 16 (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="pixel width, a multiple of 16 (default: the model's)")
@@ -90,6 +90,12 @@ def _add_extract(sub) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed, help="noise seed")
     p.add_argument("--prompt", default=defaults.prompt, help="text prompt")
     p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt for CFG")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="text file, one prompt a line: a population over prompts (dataset dim 'sample')")
+    p.add_argument("--seeds", type=lambda text: tuple(parse_int_list(text)), default=(),
+                   help="noise seeds, e.g. 0,1,2 or 0-7: a population over seeds (dataset dim 'sample')")
+    p.add_argument("--sample-batch", type=int, default=defaults.sample_batch,
+                   help=f"samples per batched run of a population (default {defaults.sample_batch})")
     p.add_argument("--guidance", type=float, default=defaults.guidance, help="CFG scale (<= 1 disables the unconditional pass)")
     p.add_argument("--shift", type=float, default=defaults.shift, help="flow shift of the scheduler")
     p.add_argument("--mask", choices=MASKS, default=defaults.mask, help="self-attention mask the model runs under")
@@ -101,11 +107,24 @@ def _add_extract(sub) -> None:
     p.set_defaults(func=cmd_extract)
 
 
+def _read_prompts(path: Path) -> tuple[str, ...]:
+    try:
+        prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as err:
+        raise HarnessError(f"--prompts {path}: cannot read it ({err})") from None
+    if not prompts:
+        raise HarnessError(f"--prompts {path}: holds no prompt (one prompt a line)")
+    return prompts
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from attn_harness.sampling.extract import extract
     from attn_harness.core.store import write_dataset
 
     probe = Probe(
+        prompts=_read_prompts(args.prompts) if args.prompts else (),
+        seeds=args.seeds,
+        sample_batch=args.sample_batch,
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         seed=args.seed,

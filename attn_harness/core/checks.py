@@ -13,6 +13,8 @@ model runs and the docs can list them. Formulas are in each property's ``formula
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,7 @@ import xarray as xr
 from attn_harness.core import metrics
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells
-from attn_harness.core.schema import DIMS, METRICS, PROBABILITIES
+from attn_harness.core.schema import DIMS, METRICS, PROBABILITIES, SAMPLE_DIM
 
 REQUIRED = object()  # marks a parameter without a default
 MAX_LISTED = 10  # violations spelled out in a failure message (all are in ``violations``)
@@ -98,6 +100,9 @@ COMMON_PARAMS: dict[str, Param] = {
     "steps": Param("steps", "all", "denoising steps to check (step coordinate values)"),
     "mostly": Param("number", 1.0, "share of units (cells, rows or heads) that must pass, in (0, 1]"),
     "severity": Param("choice", "fail", "a failing warn-check passes with a warning", ("fail", "warn")),
+    "over": Param("choice", None, "samples: mostly is the share of samples (prompt, seed) in which the property holds",
+                  ("samples",)),
+    "confidence": Param("number", 0.95, "with over: samples, the lower confidence bound (Wilson) of the pass rate must reach mostly"),
 }
 
 
@@ -676,6 +681,68 @@ def _select(ds: xr.Dataset, params: dict, layer: int | None) -> xr.DataArray:
     return da.sel(selection)
 
 
+def _verdict(name: str, params: dict, ev: Evaluation) -> tuple[bool, str]:
+    """Pass when the share of passing units reaches ``mostly``; the message's first line."""
+    share = (ev.units - ev.failing) / ev.units if ev.units else 1.0
+    needs = f"needs {params['mostly']:.0%}" if params["mostly"] < 1 else "needs all"
+    return share >= params["mostly"], (
+        f"{name} on {params['metric']}: {ev.failing} of {ev.units} {ev.unit} violate ({share:.1%} pass, {needs})"
+    )
+
+
+def _pooled(per_sample: Sequence[Evaluation]) -> Evaluation:
+    """Every sample's units as units of one check; violations located by their ``sample`` too."""
+    first = per_sample[0]
+    return Evaluation(
+        unit=first.unit,
+        units=sum(ev.units for ev in per_sample),
+        failing=sum(ev.failing for ev in per_sample),
+        violations=[
+            Violation({"sample": i, **v.location}, v.observed, v.expected, v.note)
+            for i, ev in enumerate(per_sample) for v in ev.violations
+        ],
+        observed="; ".join(f"sample={i}: {ev.observed}" for i, ev in enumerate(per_sample[:3]))
+        + (f"; ... {len(per_sample) - 3} more samples" if len(per_sample) > 3 else ""),
+        expected=first.expected,
+    )
+
+
+def wilson_lower_bound(passed: int, total: int, confidence: float) -> float:
+    """One-sided Wilson score lower bound of a pass rate at ``confidence`` (0 for no samples)."""
+    if total == 0:
+        return 0.0
+    z = statistics.NormalDist().inv_cdf(confidence)
+    rate = passed / total
+    centre = rate + z * z / (2 * total)
+    spread = z * math.sqrt(rate * (1 - rate) / total + z * z / (4 * total * total))
+    return (centre - spread) / (1 + z * z / total)
+
+
+def _over_samples(name: str, params: dict, per_sample: Sequence[Evaluation], labels: Sequence[str]) -> tuple[Evaluation, bool, str]:
+    """A sample passes when the property holds there entirely; the Wilson bound of the pass rate must reach mostly."""
+    failing = [i for i, ev in enumerate(per_sample) if ev.failing]
+    total = len(per_sample)
+    lower = wilson_lower_bound(total - len(failing), total, params["confidence"])
+    best = wilson_lower_bound(total, total, params["confidence"])
+    ok = lower >= params["mostly"]
+    expected = (f"holds in at least {params['mostly']:.0%} of samples at {params['confidence']:.0%} confidence "
+                f"(lower Wilson bound; with {total} samples it is at most {best:.3f} even if all pass)")
+    violations = [
+        Violation({"sample": i, **v.location}, v.observed, v.expected, f"{labels[i]}" + (f"; {v.note}" if v.note else ""))
+        for i in failing for v in per_sample[i].violations[:1]
+    ]
+    ev = Evaluation(
+        unit="samples",
+        units=total,
+        failing=len(failing),
+        violations=violations,
+        observed=f"holds in {total - len(failing)} of {total} samples, lower bound {lower:.3f}; failing: "
+        + (", ".join(labels[i] for i in failing[:MAX_LISTED]) or "none"),
+        expected=expected,
+    )
+    return ev, ok, f"{name} on {params['metric']} over samples: {len(failing)} of {total} samples violate (lower bound {lower:.3f}, needs {params['mostly']:.0%})"
+
+
 def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: int | None = None) -> CheckResult:
     """Evaluate property ``name`` on ``ds`` (one layer of it when ``layer`` is given)."""
     if name not in PROPERTIES:
@@ -686,18 +753,28 @@ def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: in
     missing = [dim for dim in prop.needs_dims if dim not in ds.dims]
     if missing:
         raise HarnessError(f"{name} needs data with dims {missing} (a training history); got dims {dict(ds.sizes)}")
+    if params["over"] == "samples" and SAMPLE_DIM not in ds.dims:
+        raise HarnessError(f"{name}: over: samples needs a population extraction (probe prompts/seeds); this one has one sample")
+    if not 0 < params["confidence"] < 1:
+        raise HarnessError(f"{name}: confidence must be in (0, 1); got {params['confidence']}")
     extra = {var: _select(ds, {**params, "metric": var}, layer) for var in prop.uses}
-    ev = prop.fn(da, params, **extra)
-    passing = ev.units - ev.failing
-    share = passing / ev.units if ev.units else 1.0
-    ok = share >= params["mostly"]
+    if SAMPLE_DIM not in da.dims:
+        ev = prop.fn(da, params, **extra)
+        ok, head = _verdict(name, params, ev)
+    else:
+        per_sample = [
+            prop.fn(da.isel({SAMPLE_DIM: i}, drop=True), params, **{k: v.isel({SAMPLE_DIM: i}, drop=True) for k, v in extra.items()})
+            for i in range(da.sizes[SAMPLE_DIM])
+        ]
+        labels = [f"sample={i} (prompt {p!r}, seed {int(s)})" for i, (p, s) in
+                  enumerate(zip(ds["prompt"].values, ds["seed"].values))]
+        if params["over"] == "samples":
+            ev, ok, head = _over_samples(name, params, per_sample, labels)
+        else:
+            ev = _pooled(per_sample)
+            ok, head = _verdict(name, params, ev)
     severity = params["severity"]
     status = "pass" if ok else ("warn" if severity == "warn" else "fail")
-    needs = f"needs {params['mostly']:.0%}" if params["mostly"] < 1 else "needs all"
-    head = (
-        f"{name} on {params['metric']}: {ev.failing} of {ev.units} {ev.unit} violate "
-        f"({share:.1%} pass, {needs})"
-    )
     lines = [head, f"  expected: {ev.expected}", f"  observed: {ev.observed}"]
     if ev.violations:
         lines.append("  violations:")

@@ -46,6 +46,18 @@ class Probe:
     branch: str = "cond"
     prompt_embeds: str | None = None
     mode: str = "teacher-forced"
+    prompts: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
+    sample_batch: int = 8
+
+    @property
+    def is_population(self) -> bool:
+        """A probe over several prompts and/or seeds: its extraction has a ``sample`` dim."""
+        return bool(self.prompts or self.seeds)
+
+    def samples(self) -> list[tuple[str, int]]:
+        """(prompt, seed) of every sample: prompts x seeds, prompt-major; ``prompt``/``seed`` stand in for an empty list."""
+        return [(prompt, seed) for prompt in (self.prompts or (self.prompt,)) for seed in (self.seeds or (self.seed,))]
 
     def __post_init__(self) -> None:
         for name, allowed in (("dtype", DTYPES), ("mask", MASKS), ("branch", BRANCHES), ("mode", MODES)):
@@ -61,6 +73,12 @@ class Probe:
             raise HarnessError(f"sample_steps must be at least 1; got {self.sample_steps}")
         if self.block_size < 1:
             raise HarnessError(f"block_size must be at least 1; got {self.block_size}")
+        if self.sample_batch < 1:
+            raise HarnessError(f"sample_batch must be at least 1; got {self.sample_batch}")
+        if len(set(self.samples())) != len(self.samples()):
+            raise HarnessError("prompts and seeds must not repeat: each (prompt, seed) sample appears once")
+        if self.is_population and (self.mode == "rollout" or self.prompt_embeds):
+            raise HarnessError("prompts/seeds populations run in teacher-forced mode from prompt text (no prompt_embeds)")
         if self.mode == "rollout" and self.mask != "block-causal":
             raise HarnessError("mode 'rollout' attends block-causally (each block sees the cached earlier blocks): set mask to block-causal")
 

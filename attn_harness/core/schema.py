@@ -17,6 +17,10 @@ import xarray as xr
 SCHEMA_VERSION = 1
 DIMS: tuple[str, ...] = ("step", "layer", "head", "query_frame", "key_frame")
 METRICS: tuple[str, ...] = ("logits", "mass", "aligned_mass")
+# A population extraction (several prompts and/or seeds) puts a ``sample`` dim before DIMS,
+# with these coordinates along it.
+SAMPLE_DIM = "sample"
+SAMPLE_COORDS: dict[str, str] = {"prompt": "the sample's prompt text", "seed": "the sample's noise seed"}
 # Probability statistics: in [0, 1], 0 on cells a mask hides (logits are NaN there).
 PROBABILITIES: tuple[str, ...] = ("mass", "aligned_mass")
 

@@ -235,6 +235,11 @@ class _Ctx:
             "int": isinstance(value, int) and not isinstance(value, bool),
             "number": isinstance(value, (int, float)) and not isinstance(value, bool),
             "str_list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+            "int_list": isinstance(value, list) and len(value) > 0
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+            "prompts": isinstance(value, str) or (
+                isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
+            ),
             "steps": isinstance(value, list) and len(value) > 0
             and all((isinstance(v, int) and not isinstance(v, bool)) or v in ("first", "mid", "last") for v in value),
         }[kind]
@@ -244,6 +249,8 @@ class _Ctx:
                 "int": "an integer",
                 "number": "a number",
                 "str_list": "a list of strings",
+                "int_list": "a non-empty list of integers",
+                "prompts": "a non-empty list of prompts, or a text file with one prompt a line (relative to the spec file)",
                 "steps": "a list of step indices or first/mid/last",
             }[kind]
             raise self.fail(_line(mapping, key, line), f"{where}.{key} must be {what}; got {value!r}")
@@ -270,6 +277,9 @@ PROBE_KEYS: dict[str, tuple[str, str]] = {
     "metrics": ("metrics", "str_list"),
     "mode": ("mode", "str"),
     "prompt_embeds": ("prompt_embeds", "str"),
+    "prompts": ("prompts", "prompts"),
+    "seeds": ("seeds", "int_list"),
+    "sample_batch": ("sample_batch", "int"),
 }
 SPEC_KEYS = ("name", "description", "model", "base_model", "probe", "layers", "baseline", "marks")
 BASELINE_KEYS = ("file", "layers", "logits", "mass", "aligned_mass")
@@ -364,12 +374,26 @@ def _probe(ctx: _Ctx, raw: Any, line: int, layers: str | tuple[int, ...]) -> Pro
     for key, (field_name, kind) in PROBE_KEYS.items():
         if key in raw:
             value = ctx.typed(raw, key, "probe", kind, line)
+            if kind == "prompts" and isinstance(value, str):
+                value = _prompts_file(ctx, value, _line(raw, key, line))
             fields[field_name] = tuple(value) if isinstance(value, list) else value
     try:
         return Probe(layers=layers, **fields)
     except HarnessError as err:
         bad = next((key for key in raw if str(err).startswith(PROBE_KEYS[key][0])), None)
         raise ctx.fail(_line(raw, bad, line), f"probe: {err}") from None
+
+
+def _prompts_file(ctx: _Ctx, name: str, line: int) -> list[str]:
+    """The non-empty lines of a prompts file named relative to the spec file."""
+    path = Path(ctx.file).parent / name
+    try:
+        prompts = [text.strip() for text in path.read_text(encoding="utf-8").splitlines() if text.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ctx.fail(line, f"probe.prompts: cannot read prompts file {path}: {err}") from None
+    if not prompts:
+        raise ctx.fail(line, f"probe.prompts: {path} holds no prompt (one prompt a line)")
+    return prompts
 
 
 def _tolerance(ctx: _Ctx, raw: Any, var: str, line: int) -> Tolerance:

@@ -18,7 +18,7 @@ import xarray as xr
 from attn_harness.core.atomic import atomic_path
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells
-from attn_harness.core.schema import DIMS, MASKS, METRICS, PROBABILITIES, REQUIRED_ATTRS, json_safe_attr
+from attn_harness.core.schema import DIMS, MASKS, METRICS, PROBABILITIES, REQUIRED_ATTRS, SAMPLE_COORDS, SAMPLE_DIM, json_safe_attr
 
 ENGINE = "h5netcdf"
 # zlib level 4 with byte shuffle: most of the gain of level 9 on float32 at a fraction of the time.
@@ -161,8 +161,8 @@ def _variable_problems(ds: xr.Dataset, problems: list[str]) -> set[str]:
             continue
         var = ds[name]
         ok = True
-        if var.dims != DIMS:
-            problems.append(f"{name} has dims {var.dims}; expected exactly {DIMS}")
+        if var.dims not in (DIMS, (SAMPLE_DIM, *DIMS)):
+            problems.append(f"{name} has dims {var.dims}; expected exactly {DIMS}, or ({SAMPLE_DIM!r}, ...) before them")
             ok = False
         if var.dtype != np.float32:
             problems.append(f"{name} has dtype {var.dtype}; expected float32")
@@ -193,6 +193,10 @@ def _coord_problems(ds: xr.Dataset, problems: list[str]) -> bool:
                     f"coordinate '{name}' must be unique and sorted ascending; "
                     f"{values[i]} is followed by {values[i + 1]} at position {i + 1}"
                 )
+    if SAMPLE_DIM in ds.dims:
+        for name, kind in SAMPLE_COORDS.items():
+            if name not in ds.coords or ds[name].dims != (SAMPLE_DIM,):
+                problems.append(f"a population needs coordinate '{name}' ({kind}) on dim '{SAMPLE_DIM}'")
     index_ok = len(problems) == before
     if "timestep" not in ds.coords:
         problems.append("missing coordinate 'timestep' (on dim 'step')")

@@ -187,29 +187,56 @@ def extract(
     mask = None
     if probe.mask == "block-causal":
         mask = torch.from_numpy(frames.block_causal_mask(geo["latent_frames"], probe.block_size))
-    recorder = Recorder(tokens_per_frame=geo["tokens_per_frame"], metrics=tuple(m for m in METRICS if m in probe.metrics), mask=mask)
-
-    text = conditioning(loaded, probe)
-    cond = text.prompt.to(device=device, dtype=dtype)
-    uncond = text.negative.to(device=device, dtype=dtype) if text.negative is not None else None
-    shape = (1, loaded.config["in_channels"], geo["latent_frames"], geo["latent_height"], geo["latent_width"])
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(probe.seed), dtype=torch.float32).to(device)
-
+    stats = tuple(m for m in METRICS if m in probe.metrics)
+    samples = probe.samples()
+    texts = {prompt: conditioning(loaded, probe.replace(prompt=prompt)) for prompt, _ in samples}
     scheduler = make_scheduler(probe)
     scheduler.set_timesteps(probe.sample_steps, device=device)
     timesteps = scheduler.timesteps
-    use_cfg = probe.guidance > 1.0
     show = sys.stderr.isatty() if progress is None else progress
+    latent_shape = (loaded.config["in_channels"], geo["latent_frames"], geo["latent_height"], geo["latent_width"])
 
+    per_sample: list[xr.Dataset] = []
+    batches = [samples[i : i + probe.sample_batch] for i in range(0, len(samples), probe.sample_batch)]
+    bar = tqdm(total=probe.sample_steps * len(batches), desc="denoising", unit="step", disable=not show)
+    for batch in batches:
+        recorder = Recorder(tokens_per_frame=geo["tokens_per_frame"], metrics=stats, mask=mask)
+        noise = [torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed)) for _, seed in batch]
+        cond = torch.cat([texts[prompt].prompt for prompt, _ in batch]).to(device=device, dtype=dtype)
+        uncond = None
+        if probe.guidance > 1.0:
+            uncond = torch.cat([texts[prompt].negative for prompt, _ in batch]).to(device=device, dtype=dtype)
+        denoise(transformer, make_scheduler(probe), probe, torch.cat(noise).to(device), cond, uncond,
+                recorder=recorder, layers=layers, capture_steps=capture_steps, bar=bar)
+        for index, (prompt, seed) in enumerate(batch):
+            per_sample.append(records_to_dataset(
+                {key: {metric: value[index] for metric, value in stats_.items()} for key, stats_ in recorder.records.items()},
+                metrics=recorder.metrics,
+                steps=capture_steps,
+                timesteps=[float(timesteps[s]) for s in capture_steps],
+                layers=layers,
+                attrs={**run_attrs(loaded, probe, geo, device, texts[prompt]), "prompt": prompt, "seed": seed},
+            ))
+    bar.close()
+    if not probe.is_population:
+        return per_sample[0]
+    return stack_samples(per_sample, samples)
+
+
+def denoise(transformer, scheduler: UniPCMultistepScheduler, probe: Probe, latents: torch.Tensor, cond: torch.Tensor,
+            uncond: torch.Tensor | None, *, recorder: Recorder, layers: Sequence[int], capture_steps: Sequence[int], bar) -> None:
+    """The sampling loop over a batch of latents, capturing ``layers`` at ``capture_steps`` on ``probe.branch``."""
+    dtype = cond.dtype
+    scheduler.set_timesteps(probe.sample_steps, device=latents.device)
     with torch.inference_mode(), capture(transformer, layers, recorder):
-        for step, timestep in enumerate(tqdm(timesteps, desc="denoising", unit="step", disable=not show)):
+        for step, timestep in enumerate(scheduler.timesteps):
             wanted = step in capture_steps
             recorder.step = step
             model_input = latents.to(dtype)
-            t = timestep.expand(1)
+            t = timestep.expand(latents.shape[0])
             recorder.active = wanted and probe.branch == "cond"
             velocity = transformer(hidden_states=model_input, timestep=t, encoder_hidden_states=cond, return_dict=False)[0]
-            if use_cfg:
+            if uncond is not None:
                 recorder.active = wanted and probe.branch == "uncond"
                 velocity_uncond = transformer(
                     hidden_states=model_input, timestep=t, encoder_hidden_states=uncond, return_dict=False
@@ -217,16 +244,31 @@ def extract(
                 velocity = velocity_uncond + probe.guidance * (velocity - velocity_uncond)
             recorder.active = False
             latents = scheduler.step(velocity.float(), timestep, latents, return_dict=False)[0]
+            bar.update()
 
-    batch0 = {key: {metric: value[0] for metric, value in stats.items()} for key, stats in recorder.records.items()}
-    return records_to_dataset(
-        batch0,
-        metrics=recorder.metrics,
-        steps=capture_steps,
-        timesteps=[float(timesteps[s]) for s in capture_steps],
-        layers=layers,
-        attrs=run_attrs(loaded, probe, geo, device, text),
+
+# Attrs that differ between the samples of a population; the stacked dataset lists them per sample.
+SAMPLE_ATTRS = ("prompt", "seed", "prompt_embedding_fingerprint", "negative_prompt_embedding_fingerprint", "created")
+
+
+def stack_samples(datasets: Sequence[xr.Dataset], samples: Sequence[tuple[str, int]]) -> xr.Dataset:
+    """One dataset per (prompt, seed) -> one with a leading ``sample`` dim and ``prompt``/``seed`` coords."""
+    stacked = xr.concat([ds.drop_attrs() for ds in datasets], dim="sample")
+    stacked = stacked.assign_coords(
+        sample=np.arange(len(samples), dtype=np.int64),
+        prompt=("sample", np.asarray([prompt for prompt, _ in samples], dtype=object)),
+        seed=("sample", np.asarray([seed for _, seed in samples], dtype=np.int64)),
     )
+    for name in stacked.data_vars:
+        stacked[name].attrs = dict(datasets[0][name].attrs)
+    stacked.attrs = {key: value for key, value in datasets[0].attrs.items() if key not in SAMPLE_ATTRS}
+    stacked.attrs.update({
+        "prompt": [prompt for prompt, _ in samples],
+        "seed": [seed for _, seed in samples],
+        "prompt_embedding_fingerprint": [ds.attrs["prompt_embedding_fingerprint"] for ds in datasets],
+        "created": datasets[-1].attrs["created"],
+    })
+    return stacked
 
 
 def records_to_dataset(
