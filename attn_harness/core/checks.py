@@ -766,7 +766,7 @@ def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: in
             prop.fn(da.isel({SAMPLE_DIM: i}, drop=True), params, **{k: v.isel({SAMPLE_DIM: i}, drop=True) for k, v in extra.items()})
             for i in range(da.sizes[SAMPLE_DIM])
         ]
-        labels = [f"sample={i} (prompt {p!r}, seed {int(s)})" for i, (p, s) in
+        labels = [f"sample={i} (prompt {str(p)!r}, seed {int(s)})" for i, (p, s) in
                   enumerate(zip(ds["prompt"].values, ds["seed"].values))]
         if params["over"] == "samples":
             ev, ok, head = _over_samples(name, params, per_sample, labels)

@@ -155,3 +155,12 @@ def sink_trend(history: xr.DataArray, query_frames: Sequence[int]) -> xr.DataArr
     if "checkpoint" not in history.dims:
         raise HarnessError(f"a trend needs a history with a 'checkpoint' dim; got dims {history.dims}")
     return head_stats(history, query_frames)["sink"]
+
+
+def sample_mean(ds: xr.Dataset) -> xr.Dataset:
+    """A population's mean over samples (attrs kept, prompt/seed coords dropped); others unchanged."""
+    if "sample" not in ds.dims:
+        return ds
+    mean = ds.drop_vars(["prompt", "seed"], errors="ignore").mean("sample", keep_attrs=True)
+    mean.attrs["samples_averaged"] = int(ds.sizes["sample"])
+    return mean

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,14 @@ class Probe:
     def is_population(self) -> bool:
         """A probe over several prompts and/or seeds: its extraction has a ``sample`` dim."""
         return bool(self.prompts or self.seeds)
+
+    def noise_seed(self, prompt: str, seed: int) -> int:
+        """The seed of a sample's initial noise: ``seed`` itself for a single-sample probe; in a
+        population, drawn from (seed, prompt), so that every sample has its own noise and the
+        samples are independent draws (the same seed for two prompts would tie them together)."""
+        if not self.is_population:
+            return seed
+        return int.from_bytes(hashlib.sha256(f"{seed}\0{prompt}".encode()).digest()[:8], "little") >> 1
 
     def samples(self) -> list[tuple[str, int]]:
         """(prompt, seed) of every sample: prompts x seeds, prompt-major; ``prompt``/``seed`` stand in for an empty list."""

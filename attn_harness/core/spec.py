@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from attn_harness.core import checks
+from attn_harness.core.calibration import DEFAULT_SIGMAS
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import Probe
 
@@ -79,6 +80,7 @@ class BaselineSpec:
     layers: str | tuple[int, ...] | None  # None: every layer the spec checks
     tolerances: dict[str, Tolerance]
     line: int
+    sigmas: float = DEFAULT_SIGMAS  # populations: largest allowed |z| of a cell (attn_harness.core.calibration)
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,7 @@ PROBE_KEYS: dict[str, tuple[str, str]] = {
     "sample_batch": ("sample_batch", "int"),
 }
 SPEC_KEYS = ("name", "description", "model", "base_model", "probe", "layers", "baseline", "marks")
-BASELINE_KEYS = ("file", "layers", "logits", "mass", "aligned_mass")
+BASELINE_KEYS = ("file", "layers", "logits", "mass", "aligned_mass", "sigmas")
 
 
 def parse_layers(value: Any) -> str | tuple[int, ...]:
@@ -430,7 +432,13 @@ def _baseline(ctx: _Ctx, raw: Any, line: int) -> BaselineSpec | None:
         var: _tolerance(ctx, raw[var], var, _line(raw, var, line)) if var in raw else DEFAULT_TOLERANCES[var]
         for var in DEFAULT_TOLERANCES
     }
-    return BaselineSpec(file=file, layers=layers, tolerances=tolerances, line=_line(raw, "file", line) if "file" in raw else line)
+    sigmas = DEFAULT_SIGMAS
+    if "sigmas" in raw:
+        sigmas = float(ctx.typed(raw, "sigmas", "baseline", "number", line))
+        if not sigmas > 0 or sigmas == float("inf"):
+            raise ctx.fail(_line(raw, "sigmas", line), f"baseline.sigmas must be a positive finite number; got {raw['sigmas']!r}")
+    return BaselineSpec(file=file, layers=layers, tolerances=tolerances, sigmas=sigmas,
+                        line=_line(raw, "file", line) if "file" in raw else line)
 
 
 def _marks(ctx: _Ctx, raw: Any, line: int) -> tuple[MarkSpec, ...]:

@@ -22,7 +22,8 @@ from pytest_regressions.common import perform_regression_check
 
 from attn_harness.core import store
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.schema import DIMS
+from attn_harness.core.calibration import DEFAULT_SIGMAS, calibrated_differences
+from attn_harness.core.schema import DIMS, SAMPLE_DIM
 from attn_harness.core.spec import Tolerance
 
 PROVENANCE_ATTRS: tuple[str, ...] = (
@@ -49,6 +50,9 @@ def provenance_differences(expected: xr.Dataset, obtained: xr.Dataset) -> list[s
 
 def _structure_differences(expected: xr.Dataset, obtained: xr.Dataset) -> list[str]:
     problems = []
+    if (SAMPLE_DIM in expected.dims) != (SAMPLE_DIM in obtained.dims):
+        which = "baseline" if SAMPLE_DIM in expected.dims else "run"
+        problems.append(f"only the {which} is a population (dim '{SAMPLE_DIM}'): regenerate the baseline from this probe")
     if set(expected.data_vars) != set(obtained.data_vars):
         problems.append(f"variables: baseline {sorted(expected.data_vars)} vs obtained {sorted(obtained.data_vars)}")
     for dim in DIMS:
@@ -109,13 +113,23 @@ def _value_differences(name: str, expected: xr.DataArray, obtained: xr.DataArray
     return lines
 
 
-def compare(expected: xr.Dataset, obtained: xr.Dataset, tolerances: Mapping[str, Tolerance]) -> list[str]:
-    """Lines explaining how ``obtained`` differs from ``expected``; empty when it matches."""
+def compare(
+    expected: xr.Dataset, obtained: xr.Dataset, tolerances: Mapping[str, Tolerance], sigmas: float = DEFAULT_SIGMAS
+) -> list[str]:
+    """Lines explaining how ``obtained`` differs from ``expected``; empty when it matches.
+
+    Populations (dim ``sample``) are compared cell by cell in units of their sampling spread
+    (``attn_harness.core.calibration``); single extractions value by value within the tolerances.
+    """
     structure = _structure_differences(expected, obtained)
     values: list[str] = []
     if not structure:
         for name in sorted(expected.data_vars):
-            values += _value_differences(name, expected[name], obtained[name], tolerances[name])
+            tol = tolerances[name]
+            if SAMPLE_DIM in expected.dims:
+                values += calibrated_differences(name, expected[name], obtained[name], tol.atol, tol.rtol, sigmas)
+            else:
+                values += _value_differences(name, expected[name], obtained[name], tol)
     if not structure and not values:
         return []
     provenance = provenance_differences(expected, obtained)
@@ -133,6 +147,7 @@ def check_baseline(
     config: pytest.Config,
     item_name: str,
     regen_command: str,
+    sigmas: float = DEFAULT_SIGMAS,
 ) -> None:
     """Compare with the baseline at ``path`` (pytest-regressions semantics); fail with a diff.
 
@@ -150,7 +165,7 @@ def check_baseline(
             raise AssertionError(
                 f"baseline {path} cannot be read: {err}\nregenerate it from this run: {regen_command} --force-regen"
             ) from None
-        lines = compare(expected, store.read_dataset(obtained_file_), tolerances)
+        lines = compare(expected, store.read_dataset(obtained_file_), tolerances, sigmas)
         if lines:
             raise AssertionError("\n".join(
                 [f"baseline {path} differs from this run", *lines,

@@ -296,7 +296,7 @@ class BaselineItem(_SpecItem):
         try:
             baseline_mod.check_baseline(
                 obtained, path, self.spec.baseline.tolerances, config=self.config, item_name=self.name,
-                regen_command=f"pytest '{self.nodeid}'",
+                regen_command=f"pytest '{self.nodeid}'", sigmas=self.spec.baseline.sigmas,
             )
         except AssertionError as err:
             self.outcome["message"] = str(err)

@@ -510,3 +510,33 @@ def trend(history: xr.Dataset, layer: int, *, step: int | None = None, query_fra
         fig.legend(loc="outside right upper", ncols=max(1, math.ceil(history.sizes["head"] / 16)))
         fig.suptitle(f"Layer {layer}, denoising step {step}: sink score over training (query frames {query_frames})", fontweight="bold")
     return fig
+
+
+def sample_distribution(ds: xr.Dataset, step: int, *, query_frames: Sequence[int] | None = None) -> Figure:
+    """Per layer, each head's sink score across the samples of a population (box and points)."""
+    if "sample" not in ds.dims:
+        raise HarnessError("sample_distribution needs a population extraction (dim 'sample')")
+    _select(ds, "step", step)
+    query_frames = list(query_frames) if query_frames is not None else metrics.default_query_frames(ds)
+    sink = metrics.head_stats(ds["logits"].sel(step=step), query_frames)["sink"].transpose("layer", "head", "sample")
+    layers = [int(v) for v in sink["layer"].values]
+    rows, cols = grid_shape(len(layers))
+    heads = [int(h) for h in sink["head"].values]
+    with style():
+        fig = Figure(figsize=(cols * max(2.6, 0.35 * len(heads) + 1.0), rows * 2.2 + 0.6), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        for ax, layer in zip(axes, layers):
+            values = sink.sel(layer=layer).values
+            ax.boxplot(values.T, positions=range(len(heads)), widths=0.6, showfliers=False)
+            for position, row in enumerate(values):
+                ax.plot(np.full(row.shape, position), row, ".", color=BAR_COLOR, alpha=0.5, markersize=3)
+            ax.axhline(0.0, color="black", linewidth=0.6)
+            ax.set_xticks(range(len(heads)), [str(h) for h in heads])
+            ax.set_title(f"layer {layer}")
+            ax.set_xlabel("head")
+            ax.set_ylabel("sink score, logits")
+        for ax in axes[len(layers):]:
+            ax.set_visible(False)
+        fig.suptitle(f"Step {step}: sink score per head over {ds.sizes['sample']} samples (query frames {query_frames})",
+                     fontweight="bold")
+    return fig

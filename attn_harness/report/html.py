@@ -17,7 +17,9 @@ import jinja2
 import numpy as np
 import xarray as xr
 
+from attn_harness.core import metrics
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.schema import SAMPLE_DIM
 from attn_harness.report import compare, figures
 from attn_harness.core.atomic import write_atomic
 from attn_harness.core.store import read_dataset
@@ -94,6 +96,7 @@ class _Datasets:
                 ds = ds.load()
         except (OSError, ValueError) as err:
             return f"{path} is not readable NetCDF: {err}"
+        ds = metrics.sample_mean(ds)
         if metric in ds:
             return ds[metric]
         if len(ds.data_vars) == 1:
@@ -183,7 +186,11 @@ def _spec_section(store: _Datasets, spec: Mapping, checks: list[Mapping], index:
         dataset_note = dataset
     else:
         step = int(dataset["step"].values[-1])
-        overview = figures.inline_svg(figures.layer_head_overview(dataset, step))
+        distribution = ""
+        if SAMPLE_DIM in dataset.dims:  # a population: its sample spread, then the mean in every other figure
+            distribution = figures.inline_svg(figures.sample_distribution(dataset, step))
+            dataset = metrics.sample_mean(dataset)
+        overview = figures.inline_svg(figures.layer_head_overview(dataset, step)) + distribution
     rows, failures = [], []
     for number, check in enumerate(checks):
         row = {

@@ -201,7 +201,8 @@ def extract(
     bar = tqdm(total=probe.sample_steps * len(batches), desc="denoising", unit="step", disable=not show)
     for batch in batches:
         recorder = Recorder(tokens_per_frame=geo["tokens_per_frame"], metrics=stats, mask=mask)
-        noise = [torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed)) for _, seed in batch]
+        noise = [torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(probe.noise_seed(prompt, seed)))
+                 for prompt, seed in batch]
         cond = torch.cat([texts[prompt].prompt for prompt, _ in batch]).to(device=device, dtype=dtype)
         uncond = None
         if probe.guidance > 1.0:
