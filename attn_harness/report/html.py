@@ -191,6 +191,8 @@ def _spec_section(store: _Datasets, spec: Mapping, checks: list[Mapping], index:
             distribution = figures.inline_svg(figures.sample_distribution(dataset, step))
             dataset = metrics.sample_mean(dataset)
         overview = figures.inline_svg(figures.layer_head_overview(dataset, step)) + distribution
+        if "aligned_mass" in dataset and "mass" in dataset:
+            overview += figures.inline_svg(figures.head_type_map(dataset, step))
     rows, failures = [], []
     for number, check in enumerate(checks):
         row = {
