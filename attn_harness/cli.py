@@ -16,6 +16,7 @@ from pathlib import Path
 from attn_harness import __version__
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import DTYPES, MASKS, MODES, Probe
+from attn_harness.core.schema import LEGACY_MASKS
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -48,6 +49,13 @@ def _metrics(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _timesteps(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated timestep values such as 1000,750,500,250; got {text!r}") from None
+
+
 def _query_frames(text: str) -> str | list[int]:
     return "last-block" if text == "last-block" else parse_int_list(text)
 
@@ -77,12 +85,15 @@ def _add_extract(sub) -> None:
         "--mode",
         choices=MODES,
         default=Probe().mode,
-        help="teacher-forced: whole clip per step; rollout: block by block with a KV cache (needs --mask block-causal)",
+        help="teacher-forced: whole clip per step; rollout: block by block with a KV cache (needs --mask block-causal "
+        "or sink-window)",
     )
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
     p.add_argument("--layers", default="all", type=_layers, help="blocks to capture: all, or e.g. 0-3,5")
     p.add_argument("--steps", default="first,mid,last", type=_steps, help="denoising steps to capture: first,mid,last or indices")
-    p.add_argument("--metrics", default="logits,mass", type=_metrics, help="logits, optionally with mass and aligned_mass")
+    p.add_argument("--metrics", default="logits,mass", type=_metrics, help="logits, plus mass, aligned_mass and/or text_mass")
+    p.add_argument("--capture-timesteps", default=(), type=_timesteps,
+                   help="capture the steps nearest these timestep values (e.g. 999,500) instead of --steps")
     p.add_argument("--frames", type=int, default=None, help="pixel frames, 1 + 4k (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="pixel height, a multiple of 16 (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="pixel width, a multiple of 16 (default: the model's)")
@@ -99,7 +110,13 @@ def _add_extract(sub) -> None:
     p.add_argument("--guidance", type=float, default=defaults.guidance, help="CFG scale (<= 1 disables the unconditional pass)")
     p.add_argument("--shift", type=float, default=defaults.shift, help="flow shift of the scheduler")
     p.add_argument("--mask", choices=MASKS, default=defaults.mask, help="self-attention mask the model runs under")
-    p.add_argument("--block-size", type=int, default=defaults.block_size, help="latent frames per block (block-causal)")
+    p.add_argument("--block-size", type=int, default=defaults.block_size, help="latent frames per block (block-causal, sink-window)")
+    p.add_argument("--sink-frames", type=int, default=defaults.sink_frames, help="sink-window: first frames every block sees")
+    p.add_argument("--window-frames", type=int, default=defaults.window_frames,
+                   help="sink-window: frames just before its block that a block sees")
+    p.add_argument("--denoising-timesteps", default=None, type=_timesteps,
+                   help="few-step sampler of distilled models, e.g. 1000,750,500,250 (replaces --sample-steps)")
+    p.add_argument("--no-warp-timesteps", action="store_true", help="use --denoising-timesteps as given, not shifted")
     p.add_argument("--branch", choices=("cond", "uncond"), default=defaults.branch, help="CFG branch to capture")
     p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="model dtype (statistics are always float32)")
     p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
@@ -144,6 +161,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
         branch=args.branch,
         prompt_embeds=args.prompt_embeds,
         mode=args.mode,
+        sink_frames=args.sink_frames,
+        window_frames=args.window_frames,
+        denoising_timesteps=args.denoising_timesteps,
+        warp_timesteps=not args.no_warp_timesteps,
+        capture_timesteps=args.capture_timesteps,
     )
     start = time.perf_counter()
     ds = extract(args.model, probe, progress=None if not args.no_progress else False, base_model=args.base_model)
@@ -162,7 +184,7 @@ def _add_import_legacy(sub) -> None:
     )
     p.add_argument("file", type=Path, help="the legacy .pt file")
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write")
-    p.add_argument("--mask", choices=("auto",) + MASKS, default="auto", help="mask of the file (default: detect)")
+    p.add_argument("--mask", choices=("auto",) + LEGACY_MASKS, default="auto", help="mask of the file (default: detect)")
     p.set_defaults(func=cmd_import_legacy)
 
 

@@ -128,6 +128,9 @@ def _property_figures(ds: xr.Dataset, check: Mapping) -> list[dict]:
     step = int(ds["step"].values[-1]) if step is None else int(step)
     here = [loc for loc in locations if loc.get("step", step) == step and loc.get("layer", layer) == layer]
     view = ds[metric].sel(step=step, layer=layer)
+    if metric == "text_mass":
+        title = f"Layer {layer}, step {step}: text attention mass per query frame and text token"
+        return [{"caption": title, "uri": figures.png_data_uri(figures.text_mass_grid(view, title=title), dpi=PNG_DPI, tight=False)}]
     title = f"Layer {layer}, step {step}: {figures.LABELS[metric]}; violating cells outlined"
     return [{"caption": title, "uri": _grid_uri(view, metric=metric, highlight=here, title=title)}]
 
@@ -175,13 +178,23 @@ def _check_figures(store: _Datasets, dataset: xr.Dataset | str, check: Mapping) 
         return [], f"no figure: {err}"
 
 
+def _text_figure(ds: xr.Dataset, step: int) -> dict:
+    """The cross-attention of the last captured layer at ``step``: text mass per query frame and token."""
+    layer = int(ds["layer"].values[-1])
+    caption = f"Text cross-attention: mass per query frame and text token (layer {layer}, step {step})"
+    view = ds["text_mass"].sel(step=step, layer=layer)
+    labels = list(view["text_token_string"].values) if "text_token_string" in view.coords else None
+    grid = figures.text_mass_grid(view, title=caption, token_labels=labels)
+    return {"caption": caption, "uri": figures.png_data_uri(grid, dpi=PNG_DPI, tight=False)}
+
+
 def _location(item: Mapping) -> str:
     return f"{item.get('file', '?')}:{item.get('line', '?')}"
 
 
 def _spec_section(store: _Datasets, spec: Mapping, checks: list[Mapping], index: int) -> dict:
     dataset = store.extraction(spec.get("dataset"))
-    overview, dataset_note = None, ""
+    overview, dataset_note, text_figure = None, "", None
     if isinstance(dataset, str):
         dataset_note = dataset
     else:
@@ -193,6 +206,8 @@ def _spec_section(store: _Datasets, spec: Mapping, checks: list[Mapping], index:
         overview = figures.inline_svg(figures.layer_head_overview(dataset, step)) + distribution
         if "aligned_mass" in dataset and "mass" in dataset:
             overview += figures.inline_svg(figures.head_type_map(dataset, step))
+        if "text_mass" in dataset.data_vars:
+            text_figure = _text_figure(dataset, step)
     rows, failures = [], []
     for number, check in enumerate(checks):
         row = {
@@ -226,6 +241,7 @@ def _spec_section(store: _Datasets, spec: Mapping, checks: list[Mapping], index:
         "failed": any(c["status"] in ("fail", "error") for c in checks),
         "provenance": provenance,
         "overview": overview,
+        "text_figure": text_figure,
         "dataset_note": dataset_note,
         "rows": rows,
         "failures": failures,
