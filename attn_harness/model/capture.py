@@ -35,7 +35,7 @@ from attn_harness.model.wan_attention import WanProcessorBase, apply_rotary, pro
 
 STAT_DTYPE = torch.float32
 DEFAULT_QUERY_CHUNK_TOKENS = 8192
-FRAME_METRICS: tuple[str, ...] = ("logits", "mass")
+FRAME_METRICS: tuple[str, ...] = ("logits", "mass", "aligned_mass")
 TEXT_METRIC = "text_mass"
 
 
@@ -161,9 +161,6 @@ def _aligned_mass(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, group
     return out
 
 
-STATISTICS: tuple[str, ...] = ("logits", "mass", "aligned_mass")
-
-
 def frame_stats(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -181,9 +178,9 @@ def frame_stats(
     linear in the token count whatever attention kernel runs.
     """
     num_frames = _check_qk(q, k, tokens_per_frame)
-    unknown = set(metrics) - set(STATISTICS)
+    unknown = set(metrics) - set(FRAME_METRICS)
     if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(STATISTICS)}")
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(FRAME_METRICS)}")
     if mask is not None:
         mask = mask.to(device=q.device)
     out: dict[str, torch.Tensor] = {}
