@@ -50,7 +50,28 @@ _EXPORTS: dict[str, str] = {
     "extract": "attn_harness.sampling.extract",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "HarnessError",
+    "Probe",
+    "read_dataset",
+    "write_dataset",
+    "validate",
+    "run_check",
+    "CheckResult",
+    "PROPERTIES",
+    "head_stats",
+    "layer_summary",
+    "default_query_frames",
+    "latent_frame_of_pixel",
+    "load_model",
+    "LoadedModel",
+    "frame_stats",
+    "capture",
+    "Recorder",
+    "import_legacy",
+    "extract",
+]
 
 if TYPE_CHECKING:  # static tools see the real names; at run time they load lazily
     from attn_harness.core.checks import PROPERTIES, CheckResult, run_check

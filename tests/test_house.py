@@ -58,6 +58,10 @@ def test_every_public_name_resolves_lazily_to_its_module() -> None:
         assert wanted in attn_harness.__all__
 
 
+def test_all_lists_exactly_the_lazy_exports() -> None:
+    assert sorted(attn_harness.__all__) == sorted(["__version__", *attn_harness._EXPORTS])
+
+
 def test_an_unknown_attribute_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nonesuch'"):
         attn_harness.nonesuch  # noqa: B018
@@ -195,3 +199,24 @@ def test_core_and_report_import_nothing_from_the_torch_layers() -> None:
     for name in torch_free_modules():
         bad = sorted(e for e in graph[name] if e.startswith(torch_layers))
         assert not bad, f"{name} imports {bad}"
+
+
+def calls_and_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(modules imported, dotted names called) in one source file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    called = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    return imported, called
+
+
+def test_hashing_and_torch_load_each_live_in_one_module() -> None:
+    hashing, loading = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        imported, called = calls_and_imports(path)
+        if "hashlib" in imported:
+            hashing.append(module_name(path, ROOT))
+        if {"torch.load", "load"} & called and "torch" in imported:
+            loading.append(module_name(path, ROOT))
+    assert hashing == ["attn_harness.core.fingerprint"]
+    assert loading == ["attn_harness.model.torchfile"]

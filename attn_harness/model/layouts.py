@@ -29,6 +29,7 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from safetensors.torch import load_file
 
 from attn_harness.core.errors import HarnessError
+from attn_harness.model.torchfile import safe_load
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -274,13 +275,7 @@ def load_checkpoint_file(path: Path) -> object:
     """A ``.safetensors`` file as a dict, or a ``.pt`` file with torch's weights-only loader."""
     if path.suffix == ".safetensors":
         return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several types for unreadable or unsafe pickles
-        raise HarnessError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({type(err).__name__}: {str(err)[:200]}); "
-            "save the generator's state_dict (tensors only) with torch.save"
-        ) from err
+    return safe_load(path, what="a training checkpoint: the generator's state_dict (tensors only) saved with torch.save")
 
 
 def read_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:

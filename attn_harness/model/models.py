@@ -12,7 +12,6 @@ modulation tables, norms) stay float32 whatever ``dtype`` says, as ``from_pretra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import os
@@ -29,7 +28,7 @@ from filelock import FileLock
 from attn_harness.model import layouts
 from attn_harness.core.atomic import write_atomic
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.fingerprint import sha256_file
+from attn_harness.core.fingerprint import sha256_chunks, sha256_file, sha256_text
 from attn_harness.model.prompts import (
     ORIGINAL_T5_GLOB,
     ORIGINAL_TOKENIZER,
@@ -119,12 +118,13 @@ def hash_prompt_embedding(prompt: str, text_tokens: int, text_dim: int) -> torch
 
 def state_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over parameter names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
+    def chunks():
+        for name, tensor in sorted(model.state_dict().items()):
+            data = tensor.detach().cpu().contiguous()
+            yield f"{name}|{data.dtype}|{tuple(data.shape)}|".encode()
+            yield data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+
+    return sha256_chunks(chunks())
 
 
 def cache_dir() -> Path:
@@ -172,7 +172,7 @@ def files_fingerprint(paths: tuple[Path, ...] | list[Path]) -> str:
     if len(paths) == 1:
         return file_sha256(paths[0])
     listing = "".join(f"{file_sha256(p)}  {p.name}\n" for p in paths)
-    return hashlib.sha256(listing.encode()).hexdigest()
+    return sha256_text(listing)
 
 
 def build_tiny_random() -> WanTransformer3DModel:
