@@ -1,7 +1,7 @@
 """The seed's figures, generalised: shapes, scales, frame units, highlights and files on disk.
 
 Statistics drawn in figures are checked against brute-force float64 NumPy oracles written
-here from DESIGN.md section 3 (not against attn_harness.core.metrics, which the figures call).
+here from docs/design.md, "Statistics" (not against attn_harness.core.metrics, which the figures call).
 Tolerance 1e-5 absolute: the data is float32 and the oracle reads the same float32 values.
 """
 

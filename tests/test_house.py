@@ -220,3 +220,35 @@ def test_hashing_and_torch_load_each_live_in_one_module() -> None:
             loading.append(module_name(path, ROOT))
     assert hashing == ["attn_harness.core.fingerprint"]
     assert loading == ["attn_harness.model.torchfile"]
+
+
+# Layers in order (docs/design.md, "Layering"); a module may import its own layer and those before it.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("core", ("attn_harness.core",)),
+    ("report", ("attn_harness.report",)),
+    ("model", ("attn_harness.model", "attn_harness.fixtures.videos")),
+    ("sampling", ("attn_harness.sampling",)),
+    ("pytest", ("attn_harness.pytest",)),
+    ("faces", ("attn_harness.accessor", "attn_harness.testing", "attn_harness.cli", "attn_harness.fixtures", "attn_harness")),
+]
+
+
+def layer_of(module: str) -> int:
+    """Index in LAYERS by the longest matching prefix."""
+    best, rank = -1, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, rank = len(prefix), index
+    assert rank >= 0, f"{module} belongs to no layer: add it to LAYERS and to docs/design.md"
+    return rank
+
+
+def test_no_module_imports_from_a_later_layer() -> None:
+    breaches = [
+        f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+        for module, targets in import_graph().items()
+        for target in targets
+        if target != "attn_harness" and layer_of(target) > layer_of(module)  # the root only for __version__
+    ]
+    assert breaches == []

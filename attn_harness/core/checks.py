@@ -456,7 +456,7 @@ _register(Property(
 _register(Property(
     name="sink_score",
     formula="per head: r[b] = mean over query frames a of x[a, b]; sink = r[k_0] - mean(r[k_1..k_m-1]) "
-    "(DESIGN.md section 3); sign positive: sink > 0, negative: sink < 0; min <= sink <= max",
+    "(docs/design.md, section Statistics); sign positive: sink > 0, negative: sink < 0; min <= sink <= max",
     params={
         "sign": Param("choice", None, "required sign of the sink score", ("positive", "negative")),
         "min": Param("number", None, "lowest allowed sink score"),

@@ -1,6 +1,6 @@
 """Checkpoint layouts on disk -> (diffusers config, diffusers-keyed state dict), offline.
 
-Four layouts are recognised (DESIGN.md section 2):
+Four layouts are recognised (docs/design.md, "Model sources"):
 
 * ``diffusers-pipeline``: ``model_index.json`` + ``transformer/`` (a diffusers pipeline dir);
 * ``diffusers-transformer``: ``config.json`` with ``_class_name: WanTransformer3DModel``;

@@ -1,6 +1,6 @@
 """The seed notebook's figures, generalised: head grids, per-head bars, statistics, overviews.
 
-Every function takes latent-frame data as stored (DESIGN.md section 4) and returns a
+Every function takes latent-frame data as stored (docs/design.md, "Data contract") and returns a
 ``matplotlib.figure.Figure`` built without pyplot, so nothing depends on a display or on
 global figure state. Pass ``pixel_frames=F`` to draw the frame axes in pixel frames
 (each pixel frame shows its latent frame, ceil(i / stride)); axis labels say which unit.

@@ -1,4 +1,4 @@
-"""Sampler run with capture hooks -> one ``xarray.Dataset`` (DESIGN.md section 4).
+"""Sampler run with capture hooks -> one ``xarray.Dataset`` (docs/design.md, "Data contract").
 
 Wan's text-to-video sampling on latents: flow matching with diffusers' UniPC multistep
 scheduler, classifier-free guidance with the conditional forward first, seeded noise. The
@@ -122,7 +122,7 @@ def conditioning(loaded: LoadedModel, probe: Probe) -> Conditioning:
 
 
 def run_attrs(loaded: LoadedModel, probe: Probe, geo: dict[str, int], device: torch.device, text: Conditioning) -> dict:
-    """The dataset attrs of one run (DESIGN.md section 4)."""
+    """The dataset attrs of one run (docs/design.md, "Data contract")."""
     return {
         "schema_version": SCHEMA_VERSION,
         "source": "extract",
