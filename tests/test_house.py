@@ -45,7 +45,8 @@ def test_every_public_name_resolves_lazily_to_its_module() -> None:
     run = python(
         "import json, sys, attn_harness\n"
         "before = 'torch' in sys.modules\n"
-        "names = {n: getattr(attn_harness, n).__module__ for n in attn_harness.__all__ if hasattr(getattr(attn_harness, n), '__module__')}\n"
+        "values = {n: getattr(attn_harness, n) for n in attn_harness.__all__}\n"
+        "names = {n: v.__module__ for n, v in values.items() if hasattr(v, '__module__')}\n"
         "print(json.dumps({'before': before, 'after': 'torch' in sys.modules, 'names': names}))"
     )
     assert run.returncode == 0, run.stderr
