@@ -72,8 +72,7 @@ class AttnAccessor:
     def _variable(self, metric: str) -> xr.DataArray:
         if metric not in self._ds.data_vars:
             raise HarnessError(f"this extraction has no {metric!r} variable; it has {sorted(self._ds.data_vars)}")
-        da = self._ds[metric]
-        da.attrs = {**self._ds.attrs, **da.attrs}
+        da = self._ds[metric].assign_attrs({**self._ds.attrs, **self._ds[metric].attrs})  # a copy, not the user's
         if metric == "mass":  # masked mass is 0, not a value to average: hide it like masked logits
             mask, block_size = str(da.attrs.get("mask", "bidirectional")), int(da.attrs.get("block_size", 3) or 3)
             da = da.where(~hidden_cells(da, mask, block_size))
@@ -117,7 +116,7 @@ class AttnAccessor:
 
     def plot_heads(self, layer: int, step: Step = None, *, metric: str = "logits", pixel_frames: bool = False) -> Figure:
         """The seed's figure 1: one query x key heatmap per head, one shared colour scale."""
-        from attn_harness.report import figures
+        from attn_harness.report import figures  # matplotlib loads when the first figure is drawn, not on import
 
         chosen = self.step(step)
         frames, stride = figures.pixel_frame_count(self._ds) if pixel_frames else (None, 4)

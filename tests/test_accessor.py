@@ -125,3 +125,14 @@ def test_check_rejects_unknown_properties_and_parameters_in_one_line() -> None:
         ds.attn.check("sink_heads", layer=0)
     with pytest.raises(HarnessError, match="threshold: expected a number"):
         ds.attn.check("sink_heads", layer=0, expected=[0], threshold="high")
+
+
+def test_statistics_and_checks_leave_the_dataset_as_it_was() -> None:
+    ds = planted_dataset(mask="block-causal")
+    before = ds.copy(deep=True)
+    ds.attn.head_stats(metric="mass")
+    ds.attn.stats(layer=0)
+    ds.attn.check("row_stochastic", layer=0)
+    ds.attn.check("sink_score", layer=0, sign="positive", heads=[0])
+    assert ds.identical(before)
+    assert all(var.attrs == before[name].attrs for name, var in ds.variables.items())

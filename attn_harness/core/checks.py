@@ -562,8 +562,7 @@ def _select(ds: xr.Dataset, params: dict, layer: int | None) -> xr.DataArray:
     if metric not in ds.data_vars:
         raise HarnessError(f"this extraction has no '{metric}' variable (it has {sorted(ds.data_vars)}); "
                            "add it to the probe's metrics or check another metric")
-    da = ds[metric]
-    da.attrs = {**ds.attrs, **da.attrs}
+    da = ds[metric].assign_attrs({**ds.attrs, **ds[metric].attrs})  # a copy: the caller's Dataset keeps its attrs
     selection: dict[str, list[int]] = {}
     if layer is not None:
         selection["layer"] = [layer]
