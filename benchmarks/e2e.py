@@ -20,7 +20,8 @@ def _plugin_args() -> list[str]:
 
 
 def _pytest(specs: Path, cache: Path) -> float:
-    cmd = [sys.executable, "-m", "pytest", str(specs), "-q", "-p", "no:cacheprovider", *_plugin_args(), "--attn-cache", str(cache)]
+    cmd = [sys.executable, "-m", "pytest", str(specs), "-q", "-p", "no:cacheprovider", *_plugin_args(),
+           "--attn-cache", str(cache)]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
@@ -31,7 +32,8 @@ def _pytest(specs: Path, cache: Path) -> float:
 
 def run(specs: Path, *, reps: int, env: dict) -> list[dict]:
     if not any(path.suffix in SPEC_SUFFIXES for path in specs.glob("**/*")):
-        return [{"name": "e2e/pytest-specs", "section": "e2e", "skipped": f"no spec files under {specs}", "ratio": None, "spread": None, "env": env}]
+        skipped = f"no spec files under {specs}"
+        return [{"name": "e2e/pytest-specs", "section": "e2e", "skipped": skipped, "ratio": None, "spread": None, "env": env}]
     samples: dict[str, list[float]] = {"warm-cache": [], "cold-cache": []}
     for _ in range(reps):
         with tempfile.TemporaryDirectory(prefix="attn-bench-cache-") as tmp:

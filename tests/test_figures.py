@@ -211,7 +211,7 @@ def test_layer_head_overview_maps_sink_scores_per_layer_and_head():
     ds = planted_dataset(steps=1, layers=3)
     fig = figures.layer_head_overview(ds, 0)
     sink_grid = np.asarray(image_axes(fig)[0].images[0].get_array())
-    expected = np.stack([oracle_sink(ds.logits.sel(step=0, layer=l).values, [6, 7, 8]) for l in range(3)])
+    expected = np.stack([oracle_sink(ds.logits.sel(step=0, layer=layer).values, [6, 7, 8]) for layer in range(3)])
     np.testing.assert_allclose(sink_grid, expected, atol=TOL)
     assert image_axes(fig)[0].get_ylabel() == "layer"
 

@@ -57,7 +57,8 @@ class Param:
         if kind == "heads" and (value == "all" or _is_int_list(value)):
             return value if value == "all" else tuple(int(v) for v in value)
         if kind == "steps" and (
-            value == "all" or (isinstance(value, (list, tuple)) and value and all(_is_int(v) or v in ("first", "last") for v in value))
+            value == "all"
+            or (isinstance(value, (list, tuple)) and value and all(_is_int(v) or v in ("first", "last") for v in value))
         ):
             return value if value == "all" else tuple(value)
         raise ValueError(f"expected {self.describe()}; got {value!r}")

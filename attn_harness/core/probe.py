@@ -59,7 +59,9 @@ class Probe:
         if self.block_size < 1:
             raise HarnessError(f"block_size must be at least 1; got {self.block_size}")
         if self.mode == "rollout" and self.mask != "block-causal":
-            raise HarnessError("mode 'rollout' attends block-causally (each block sees the cached earlier blocks): set mask to block-causal")
+            raise HarnessError(
+                "mode 'rollout' attends block-causally (each block sees the cached earlier blocks): set mask to block-causal"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -78,7 +78,8 @@ def validate(ds: xr.Dataset) -> None:
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         listing = "; ".join(problems)
-        raise HarnessError(f"dataset does not follow the data contract (docs/design.md, section 'Data contract'), {count}: {listing}")
+        contract = "the data contract (docs/design.md, section 'Data contract')"
+        raise HarnessError(f"dataset does not follow {contract}, {count}: {listing}")
 
 
 def dataset_summary(ds: xr.Dataset) -> str:

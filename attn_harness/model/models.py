@@ -268,7 +268,9 @@ def build_transformer(config: dict, state: dict[str, torch.Tensor], where: Path)
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         key, got, want = wrong[0]
-        raise HarnessError(f"{where}: {len(wrong)} weight(s) have the wrong shape for {_arch(config)}, e.g. {key} is {got}, expected {want}")
+        raise HarnessError(
+            f"{where}: {len(wrong)} weight(s) have the wrong shape for {_arch(config)}, e.g. {key} is {got}, expected {want}"
+        )
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
 
@@ -331,7 +333,9 @@ def _load_path(path: Path, base_model: Path | None, device: str | torch.device) 
         if base_model is not None:
             base = layouts.detect_layout(base_model)
             if base.kind == "training-checkpoint":
-                raise HarnessError(f"--base-model {base_model}: must be a model dir (diffusers or original Wan), not a checkpoint file")
+                raise HarnessError(
+                    f"--base-model {base_model}: must be a model dir (diffusers or original Wan), not a checkpoint file"
+                )
             config = _architecture_of_dir(base, state if base.kind == "wan-original" else None)
             architecture = f"{base.kind} config of {base.path}"
             text_layout = base

@@ -187,7 +187,8 @@ def extract(
     mask = None
     if probe.mask == "block-causal":
         mask = torch.from_numpy(frames.block_causal_mask(geo["latent_frames"], probe.block_size))
-    recorder = Recorder(tokens_per_frame=geo["tokens_per_frame"], metrics=tuple(m for m in METRICS if m in probe.metrics), mask=mask)
+    chosen_metrics = tuple(m for m in METRICS if m in probe.metrics)
+    recorder = Recorder(tokens_per_frame=geo["tokens_per_frame"], metrics=chosen_metrics, mask=mask)
 
     text = conditioning(loaded, probe)
     cond = text.prompt.to(device=device, dtype=dtype)
