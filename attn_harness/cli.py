@@ -176,7 +176,10 @@ def cmd_import_legacy(args: argparse.Namespace) -> int:
 
     ds = import_legacy(args.file, mask=args.mask)
     path = write_dataset(ds, args.out)
-    print(f"wrote {path}: layer {int(ds.layer[0])}, {ds.sizes['head']} heads, {ds.sizes['query_frame']} frames, mask {ds.attrs['mask']}")
+    print(
+        f"wrote {path}: layer {int(ds.layer[0])}, {ds.sizes['head']} heads, {ds.sizes['query_frame']} frames, "
+        f"mask {ds.attrs['mask']}"
+    )
     return 0
 
 

@@ -16,7 +16,8 @@ from attn_harness.core.results import Results
 pytest_plugins = ["pytester"]
 
 # Once installed with its pytest11 entry point the plugin loads by itself; before that, ask for it.
-PLUGIN_ARGS = [] if any(ep.name == "attn_harness" for ep in entry_points(group="pytest11")) else ["-p", "attn_harness.pytest.plugin"]
+REGISTERED = any(ep.name == "attn_harness" for ep in entry_points(group="pytest11"))
+PLUGIN_ARGS = [] if REGISTERED else ["-p", "attn_harness.pytest.plugin"]
 
 SPEC = """\
 specs:

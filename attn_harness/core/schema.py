@@ -1,4 +1,4 @@
-"""The data contract of one extraction (DESIGN.md section 4), shared by every module.
+"""The data contract of one extraction (docs/design.md, "Data contract"), shared by every module.
 
 An extraction is an ``xarray.Dataset`` with variables ``logits`` and (optionally) ``mass``
 over the dims ``(step, layer, head, query_frame, key_frame)``, optionally ``text_mass`` over

@@ -1,7 +1,7 @@
 """Exact frame x frame attention statistics from q and k, and the processor that captures them.
 
-``frame_stats`` turns post-RoPE queries and keys into the two statistics of DESIGN.md
-section 3 without ever materialising the token x token matrix:
+``frame_stats`` turns post-RoPE queries and keys into the two statistics of docs/design.md
+("Statistics") without ever materialising the token x token matrix:
 
 * ``logits[a, b]`` by bilinearity: (mean of q over frame a) . (mean of k over frame b) / sqrt(d);
 * ``mass[a, b]`` by running attention with the values replaced by one-hot(frame of key),

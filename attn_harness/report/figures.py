@@ -1,6 +1,6 @@
 """The seed notebook's figures, generalised: head grids, per-head bars, statistics, overviews.
 
-Every function takes latent-frame data as stored (DESIGN.md section 4) and returns a
+Every function takes latent-frame data as stored (docs/design.md, "Data contract") and returns a
 ``matplotlib.figure.Figure`` built without pyplot, so nothing depends on a display or on
 global figure state. Pass ``pixel_frames=F`` to draw the frame axes in pixel frames
 (each pixel frame shows its latent frame, ceil(i / stride)); axis labels say which unit.
@@ -203,7 +203,8 @@ def head_grid(
             for location in highlight or ():
                 if int(location.get("head", head)) == head:
                     _outline(ax, shown, location)
-        colorbar_axes = fig.add_axes((1 - 0.95 / width, bottom / height + 0.1, 0.15 / width, 0.8 - (bottom + top) / height), label="colorbar")
+        colorbar_box = (1 - 0.95 / width, bottom / height + 0.1, 0.15 / width, 0.8 - (bottom + top) / height)
+        colorbar_axes = fig.add_axes(colorbar_box, label="colorbar")
         fig.colorbar(image, cax=colorbar_axes).set_label(LABELS[metric])
         if title:
             fig.suptitle(title, fontweight="bold", y=1 - 0.15 / height, va="top")
