@@ -205,6 +205,20 @@ def parse_scheduler(text: str) -> tuple[str, int | str]:
     return "address", text
 
 
+def parse_resources(text: str) -> dict[str, float]:
+    """``GPU=1,MEM=2`` -> ``{"GPU": 1.0, "MEM": 2.0}``: what each task asks of a worker ("" -> nothing)."""
+    found = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, _, amount = item.partition("=")
+        try:
+            found[name.strip()] = float(amount)
+        except ValueError:
+            raise HarnessError(f"resources {text!r}: expected NAME=AMOUNT pairs like GPU=1") from None
+        if not name.strip() or not found[name.strip()] > 0:
+            raise HarnessError(f"resources {text!r}: each NAME=AMOUNT needs a name and an amount > 0")
+    return found
+
+
 def local_worker_specs(workers: int, *, gpus: int, threads: int | None) -> dict[str, dict]:
     """Worker specs of a local cluster: one per GPU pinned by ``CUDA_VISIBLE_DEVICES`` and declaring
     one ``GPU`` resource, or ``workers`` CPU workers with ``threads`` torch threads each.
