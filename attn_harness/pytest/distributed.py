@@ -84,9 +84,10 @@ def submit_specs(items: list[pytest.Item], cache: ExtractionCache, scheduler: st
     cache.directory.mkdir(parents=True, exist_ok=True)
     client, resources = remote.stack.enter_context(connect(scheduler))
     for key, (source, base_model, probe) in wanted.items():
-        task = hashlib.sha256(json.dumps([source, base_model, probe.as_dict()], default=str).encode()).hexdigest()
+        cache_dir = str(Path(cache.directory).resolve())
+        task = hashlib.sha256(json.dumps([source, base_model, probe.as_dict(), cache_dir], default=str).encode()).hexdigest()
         remote.futures[key] = client.submit(
-            remote_extract, source, probe, base_model, str(Path(cache.directory).resolve()),
+            remote_extract, source, probe, base_model, cache_dir,
             key=f"attn-spec-{task}", pure=False, retries=2, resources=resources or None,
         )
     return remote

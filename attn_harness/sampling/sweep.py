@@ -17,6 +17,7 @@ which writes a part its own filesystem lacks, so workers need no shared filesyst
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -303,8 +304,11 @@ def run_parts(
     done = [part for part in parts if part_path(out_dir, part).is_file()]
     todo = [part for part in parts if not part_path(out_dir, part).is_file()]
     yield from done
+    # The task's key names the part and the sweep directory: two sweeps of one part into two
+    # directories are two tasks, two clients of one directory share one.
+    where = hashlib.sha256(str(out_dir).encode()).hexdigest()[:12]
     futures = {
-        client.submit(run_part, part, str(out_dir), key=f"attn-part-{part.key}", pure=False, retries=retries,
+        client.submit(run_part, part, str(out_dir), key=f"attn-part-{part.key}-{where}", pure=False, retries=retries,
                       resources=resources or None): part
         for part in todo
     }
@@ -362,6 +366,7 @@ def sweep(
     ``threads``: torch threads per local worker (default: the cores split between workers).
     ``resources``: what each task asks of a worker on an existing cluster (e.g. ``{"GPU": 1}``).
     """
+    parse_scheduler(scheduler)
     plan = plan_sweep(models, prompts, seeds, probe, base_model=base_model)
     unique = plan.unique()
     if any(not part_path(out, part).is_file() for part in unique):
