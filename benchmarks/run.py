@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import e2e, overhead, scaling, seed_method
+from benchmarks import e2e, overhead, scaling, seed_method, sweep
 from benchmarks.shapes import EMBEDDED, MID, MID_QUICK, SMOKE, WAN_1_3B, Shape
 from benchmarks.timing import environment
 
-SECTIONS = ("overhead", "seed-method", "scaling", "e2e")
+SECTIONS = ("overhead", "seed-method", "scaling", "e2e", "sweep")
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,13 @@ class Profile:
     scaling_tokens_per_frame: int
     logits_frames: tuple[int, ...]
     e2e_reps: int
+    sweep_reps: int
 
 
 PROFILES = {
-    "full": Profile(5, 1, (EMBEDDED, MID), (1560, 3120, 4680, 7800), (1560, 3120, 4680, 7800), 1560, (2, 3, 4, 5), 1560, (3, 6, 12, 21), 5),
-    "quick": Profile(5, 1, (EMBEDDED, MID_QUICK), (1560, 3120), (1560, 7800), 1560, (1, 2, 3, 4), 780, (3, 6, 12, 21), 1),
-    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0),
+    "full": Profile(5, 1, (EMBEDDED, MID), (1560, 3120, 4680, 7800), (1560, 3120, 4680, 7800), 1560, (2, 3, 4, 5), 1560, (3, 6, 12, 21), 5, 3),
+    "quick": Profile(5, 1, (EMBEDDED, MID_QUICK), (1560, 3120), (1560, 7800), 1560, (1, 2, 3, 4), 780, (3, 6, 12, 21), 1, 2),
+    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0, 0),
 }
 
 
@@ -69,6 +70,9 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
     if "e2e" in sections and profile.e2e_reps:
         log(f"[e2e] pytest {specs} cold vs warm cache")
         records += e2e.run(specs, reps=profile.e2e_reps, env=env)
+    if "sweep" in sections and profile.sweep_reps:
+        log(f"[sweep] {len(sweep.MODELS)} models x {len(sweep.PROMPTS)} prompts x {len(sweep.SEEDS)} seeds: 2 workers vs 1 (1 torch thread each)")
+        records += sweep.run(reps=profile.sweep_reps, env=env)
     return records
 
 

@@ -155,7 +155,7 @@ def training_step(source: str) -> int | None:
 def _log(log: Path, event: str, part: Part, **extra) -> None:
     """Append one JSON line (O_APPEND: lines of concurrent workers do not interleave)."""
     record = {"event": event, "key": part.key, "model": part.model, "prompt": part.probe.prompt,
-              "seed": part.probe.seed, "host": socket.gethostname(), "pid": os.getpid(), **extra}
+              "seed": part.probe.seed, "host": socket.gethostname(), "pid": os.getpid(), "time": round(time.time(), 3), **extra}
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -255,7 +255,7 @@ def local_cluster(workers: int, *, gpus: int | None = None, threads: int | None 
             name: {"cls": distributed.Nanny, "options": {**options, "memory_limit": 0, "dashboard": False, "silence_logs": logging.ERROR}}
             for name, options in specs.items()
         },
-        scheduler={"cls": distributed.Scheduler, "options": {"dashboard_address": None}},
+        scheduler={"cls": distributed.Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}},
         silence_logs=logging.ERROR,  # a killed worker is reported by the sweep, not as a page of log lines
     )
 
