@@ -31,13 +31,12 @@ import xarray as xr
 from attn_harness.core.atomic import atomic_path
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.schema import DIMS, METRICS
-from attn_harness.core.store import ENGINE, FLOAT_ENCODING, _restore_attrs, _storable, validate
+from attn_harness.core.store import ENGINE, FLOAT_ENCODING, _restore_attrs, _storable
 
 SWEEP_DIMS: tuple[str, ...] = ("checkpoint", "prompt", "seed")
 SWEEP_KIND = "attn-harness sweep"
-# Part attrs that always become coordinates of one sweep dim, under these names.
+# Part attrs that always become coordinates of the checkpoint dim.
 CHECKPOINT_ATTRS: tuple[str, ...] = ("model_id", "checkpoint_path", "checkpoint_fingerprint", "checkpoint_layout")
-RENAMED = {"prompt": "prompt_text"}
 # A part's own bookkeeping (docs/sweep.md): not carried into the merged Dataset.
 PART_ATTRS: tuple[str, ...] = ("sweep_part_key", "checkpoint_source", "training_step")
 # Training step in a checkpoint's file name: step_1200.pt, ckpt-1200.safetensors, iter1200, model_001200.pt
@@ -95,24 +94,17 @@ def merge_parts(
     for m in variables:
         ds[m].attrs = dict(first[m].attrs)
     attrs = {"sweep": SWEEP_KIND}
-    for key in sorted(set().union(*(parts[c].attrs for c in cells)) - set(PART_ATTRS)):
+    # seed and prompt are the sweep's own dims (prompt_text holds the prompt).
+    for key in sorted(set().union(*(parts[c].attrs for c in cells)) - set(PART_ATTRS) - {"seed", "prompt"}):
         values = np.empty(grid, dtype=object)
         for cell in cells:
             values[cell] = _attr_text(parts[cell].attrs.get(key, ""))
-        name = RENAMED.get(key, key)
-        if key == "seed":
-            continue  # the seed dim itself
-        if key in RENAMED:
-            continue  # prompt_text, set from the sweep's own list
-        if key in CHECKPOINT_ATTRS:
-            ds.coords[name] = ("checkpoint", _typed(values[:, 0, 0]))
-            continue
-        dims = _varying_dims(values)
+        dims = ("checkpoint",) if key in CHECKPOINT_ATTRS else _varying_dims(values)
         if not dims:
             attrs[key] = parts[cells[0]].attrs[key]
         else:
             index = tuple(slice(None) if d in dims else 0 for d in SWEEP_DIMS)
-            ds.coords[name] = (dims, _typed(values[index]))
+            ds.coords[key] = (dims, _typed(values[index]))
     ds.attrs = attrs
     return ds
 
@@ -211,12 +203,3 @@ def read_sweep(path: str | os.PathLike) -> xr.Dataset:
     for name in ("checkpoint_source", "prompt_text"):
         ds.coords[name] = ds[name].astype(object)
     return ds
-
-
-def validate_cells(ds: xr.Dataset) -> None:
-    """Every cell of a sweep satisfies the extraction contract (a ``HarnessError`` names the first that does not)."""
-    for c, p, s in itertools.product(ds["checkpoint"].values, ds["prompt"].values, ds["seed"].values):
-        try:
-            validate(part_view(ds, checkpoint=int(c), prompt=int(p), seed=int(s)))
-        except HarnessError as err:
-            raise HarnessError(f"sweep cell checkpoint={c} prompt={p} seed={s}: {err}") from None

@@ -64,7 +64,10 @@ class Plan:
 
     def unique(self) -> list[Part]:
         """One part per key (the same checkpoint listed twice is extracted once)."""
-        return list({part.key: part for part in reversed(self.parts)}.values())[::-1]
+        first: dict[str, Part] = {}
+        for part in self.parts:
+            first.setdefault(part.key, part)
+        return list(first.values())
 
 
 def read_list(path: str | os.PathLike, *, resolve_paths: bool) -> list[str]:
@@ -142,12 +145,16 @@ def training_step(source: str) -> int | None:
     path = Path(source)
     if step is not None or not path.is_file() or path.suffix not in (".pt", ".pth"):
         return step
+    import torch
+
     from attn_harness.model.layouts import load_checkpoint_file
 
     data = load_checkpoint_file(path)
     for key in STEP_KEYS:
         value = data.get(key) if isinstance(data, dict) else None
-        if value is not None and getattr(value, "numel", lambda: 1)() == 1:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
             return int(value)
     return None
 
