@@ -113,12 +113,20 @@ def plan_sweep(
     if probe.prompt_embeds:
         raise HarnessError("a sweep encodes each prompt; --prompt-embeds (one fixed embedding) does not apply")
     fingerprints = [model_fingerprint(model) for model in models]
+    base_model = _absolute(base_model) if base_model else None
     parts = []
     for (c, model), (p, prompt), (s, seed) in itertools.product(enumerate(models), enumerate(prompts), enumerate(seeds)):
         part_probe = probe.replace(prompt=prompt, seed=int(seed))
         key = cache_key(fingerprints[c], part_probe, probe.device, inputs=inputs)
-        parts.append(Part(key, str(model), part_probe, base_model, (c, p, s)))
+        parts.append(Part(key, _absolute(str(model)), part_probe, base_model, (c, p, s)))
     return Plan(tuple(map(str, models)), tuple(prompts), tuple(int(s) for s in seeds), tuple(parts))
+
+
+def _absolute(source: str) -> str:
+    """A path made absolute (a worker's working directory is not the client's); embedded names unchanged."""
+    from attn_harness.model.models import EMBEDDED
+
+    return source if source in EMBEDDED or not Path(source).exists() else str(Path(source).resolve())
 
 
 # --- on the worker ---------------------------------------------------------------------------
