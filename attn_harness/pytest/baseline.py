@@ -6,7 +6,8 @@ provenance that differs (fingerprint, dtype, device, versions), then per variabl
 cells differ, the largest absolute and relative differences with their locations and a
 table of the worst cells. ``check_baseline`` runs it through pytest-regressions'
 ``perform_regression_check``, so missing baselines, ``--force-regen`` and ``--regen-all``
-behave exactly as in every other pytest-regressions fixture.
+behave exactly as in every other pytest-regressions fixture; a match is decided in memory
+first (``matches_baseline``), so a passing check reads one file and writes none.
 """
 
 from __future__ import annotations
@@ -142,6 +143,9 @@ def check_baseline(
     """
     __tracebackhide__ = True
     obtained_path = obtained_file(path)
+    if matches_baseline(obtained, path, tolerances, config=config):
+        obtained_path.unlink(missing_ok=True)  # left by an earlier failing run
+        return
 
     def check_fn(obtained_file_: Path, expected_file: Path) -> None:
         try:
@@ -175,6 +179,20 @@ def check_baseline(
         obtained_path.unlink(missing_ok=True)  # the baseline itself was (re)written from this run
         raise
     obtained_path.unlink(missing_ok=True)
+
+
+def matches_baseline(obtained: xr.Dataset, path: Path, tolerances: Mapping[str, Tolerance], *,
+                     config: pytest.Config) -> bool:
+    """The fast path of a passing check: the baseline read once and compared in memory, no
+    file written. Anything else (missing or unreadable baseline, a difference, ``--force-regen``,
+    ``--regen-all``) is False and goes through pytest-regressions, which writes and explains."""
+    if config.getoption("force_regen", False) or config.getoption("regen_all", False) or not path.is_file():
+        return False
+    try:
+        expected = store.read_dataset(path)
+    except HarnessError:
+        return False
+    return not compare(expected, obtained, tolerances)
 
 
 def obtained_file(path: Path) -> Path:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import xarray as xr
 
+from attn_harness.core import catalog
 from attn_harness.core.atomic import write_atomic
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import Probe
@@ -97,8 +98,8 @@ def read_list(path: str | os.PathLike, *, resolve_paths: bool) -> list[str]:
 def plan_sweep(
     models: Sequence[str], prompts: Sequence[str], seeds: Sequence[int], probe: Probe = Probe(), *, base_model: str | None = None
 ) -> Plan:
-    """Every (model, prompt, seed) part with its key; fingerprints each model once (on this machine)."""
-    from attn_harness.model.models import model_fingerprint
+    """Every (model, prompt, seed) part with its key; fingerprints each model once, on this machine
+    and without torch (the extraction cache's identity of a source)."""
     from attn_harness.sampling.cache import cache_key
 
     for name, values in (("models", models), ("prompts", prompts), ("seeds", seeds)):
@@ -109,10 +110,10 @@ def plan_sweep(
             raise HarnessError(f"{name} lists {dup!r} twice; each entry must be unique")
     inputs = {}
     if base_model:
-        inputs["base_model"] = model_fingerprint(base_model)
+        inputs["base_model"] = catalog.source_identity(base_model)
     if probe.prompt_embeds:
         raise HarnessError("a sweep encodes each prompt; --prompt-embeds (one fixed embedding) does not apply")
-    fingerprints = [model_fingerprint(model) for model in models]
+    fingerprints = [catalog.source_identity(model) for model in models]
     base_model = _absolute(base_model) if base_model else None
     parts = []
     for (c, model), (p, prompt), (s, seed) in itertools.product(enumerate(models), enumerate(prompts), enumerate(seeds)):
@@ -124,9 +125,7 @@ def plan_sweep(
 
 def _absolute(source: str) -> str:
     """A path made absolute (a worker's working directory is not the client's); embedded names unchanged."""
-    from attn_harness.model.models import EMBEDDED
-
-    return source if source in EMBEDDED or not Path(source).exists() else str(Path(source).resolve())
+    return source if source in catalog.EMBEDDED_NAMES or not Path(source).exists() else str(Path(source).resolve())
 
 
 # --- on the worker ---------------------------------------------------------------------------
