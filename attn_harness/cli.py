@@ -61,27 +61,10 @@ def _query_frames(text: str) -> str | list[int]:
     return "last-block" if text == "last-block" else parse_int_list(text)
 
 
-def _add_extract(sub) -> None:
-    p = sub.add_parser(
-        "extract",
-        help="run the sampler with capture and write a NetCDF extraction",
-        description="Sample from a model with attention capture hooks and write frame x frame "
-        "statistics (logits, mass) per step, layer and head to a NetCDF file.",
-    )
+def _add_probe_arguments(p: argparse.ArgumentParser, *, single_run: bool = True) -> None:
+    """The probe's flags (``Probe`` fields); ``single_run=False`` leaves out --prompt and --seed,
+    which a sweep takes as lists."""
     defaults = Probe()
-    p.add_argument(
-        "--model",
-        default="tiny-random",
-        help="embedded model name (tiny-random), a model dir (diffusers pipeline or transformer, original Wan), "
-        "or a training checkpoint file (.pt/.safetensors)",
-    )
-    p.add_argument("--base-model", default=None, help="model dir giving a training checkpoint its architecture and text encoder")
-    p.add_argument(
-        "--prompt-embeds",
-        default=None,
-        help="text embeddings file (.pt tensor [1, tokens, text_dim], or dict/.safetensors with prompt_embeds "
-        "and negative_prompt_embeds); replaces the text encoder",
-    )
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -89,7 +72,6 @@ def _add_extract(sub) -> None:
         help="teacher-forced: whole clip per step; rollout: block by block with a KV cache (needs --mask block-causal "
         "or sink-window)",
     )
-    p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
     p.add_argument("--layers", default="all", type=_layers, help="blocks to capture: all, or e.g. 0-3,5")
     p.add_argument("--steps", default="first,mid,last", type=_steps, help="denoising steps to capture: first,mid,last or indices")
     p.add_argument("--metrics", default="logits,mass", type=_metrics, help="logits, plus mass and/or text_mass")
@@ -99,8 +81,9 @@ def _add_extract(sub) -> None:
     p.add_argument("--height", type=int, default=None, help="pixel height, a multiple of 16 (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="pixel width, a multiple of 16 (default: the model's)")
     p.add_argument("--sample-steps", type=int, default=defaults.sample_steps, help="denoising steps in the run")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="noise seed")
-    p.add_argument("--prompt", default=defaults.prompt, help="text prompt")
+    if single_run:
+        p.add_argument("--seed", type=int, default=defaults.seed, help="noise seed")
+        p.add_argument("--prompt", default=defaults.prompt, help="text prompt")
     p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt for CFG")
     p.add_argument("--guidance", type=float, default=defaults.guidance, help="CFG scale (<= 1 disables the unconditional pass)")
     p.add_argument("--shift", type=float, default=defaults.shift, help="flow shift of the scheduler")
@@ -115,18 +98,15 @@ def _add_extract(sub) -> None:
     p.add_argument("--branch", choices=("cond", "uncond"), default=defaults.branch, help="CFG branch to capture")
     p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="model dtype (statistics are always float32)")
     p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_extract)
 
 
-def cmd_extract(args: argparse.Namespace) -> int:
-    from attn_harness.sampling.extract import extract
-    from attn_harness.core.store import write_dataset
-
-    probe = Probe(
-        prompt=args.prompt,
+def _probe_from_args(args: argparse.Namespace) -> Probe:
+    """The ``Probe`` the flags of ``_add_probe_arguments`` describe (prompt and seed: defaults when absent)."""
+    defaults = Probe()
+    return Probe(
+        prompt=getattr(args, "prompt", defaults.prompt),
         negative_prompt=args.negative_prompt,
-        seed=args.seed,
+        seed=getattr(args, "seed", defaults.seed),
         num_frames=args.frames,
         height=args.height,
         width=args.width,
@@ -141,7 +121,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         branch=args.branch,
-        prompt_embeds=args.prompt_embeds,
+        prompt_embeds=getattr(args, "prompt_embeds", None),
         mode=args.mode,
         sink_frames=args.sink_frames,
         window_frames=args.window_frames,
@@ -149,11 +129,94 @@ def cmd_extract(args: argparse.Namespace) -> int:
         warp_timesteps=not args.no_warp_timesteps,
         capture_timesteps=args.capture_timesteps,
     )
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="run the sampler with capture and write a NetCDF extraction",
+        description="Sample from a model with attention capture hooks and write frame x frame "
+        "statistics (logits, mass) per step, layer and head to a NetCDF file.",
+    )
+    p.add_argument(
+        "--model",
+        default="tiny-random",
+        help="embedded model name (tiny-random), a model dir (diffusers pipeline or transformer, original Wan), "
+        "or a training checkpoint file (.pt/.safetensors)",
+    )
+    p.add_argument("--base-model", default=None, help="model dir giving a training checkpoint its architecture and text encoder")
+    p.add_argument(
+        "--prompt-embeds",
+        default=None,
+        help="text embeddings file (.pt tensor [1, tokens, text_dim], or dict/.safetensors with prompt_embeds "
+        "and negative_prompt_embeds); replaces the text encoder",
+    )
+    p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
+    _add_probe_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_extract)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from attn_harness.sampling.extract import extract
+    from attn_harness.core.store import write_dataset
+
+    probe = _probe_from_args(args)
     start = time.perf_counter()
     ds = extract(args.model, probe, progress=None if not args.no_progress else False, base_model=args.base_model)
     path = write_dataset(ds, args.out)
     sizes = ", ".join(f"{dim}={size}" for dim, size in ds.sizes.items())
     print(f"wrote {path} ({sizes}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="extract many checkpoints x prompts x seeds as tasks on a Dask cluster, merged into one dataset",
+        description="Run one probe over every checkpoint, prompt and seed as Dask tasks (a local cluster "
+        "or an existing scheduler), one part file per task; a rerun skips finished parts. Writes "
+        "OUT/sweep.nc (dims checkpoint, prompt, seed, then the extraction's) and OUT/report.html.",
+    )
+    models = p.add_mutually_exclusive_group(required=True)
+    models.add_argument("--models", nargs="+", metavar="MODEL", help="embedded names, model dirs or checkpoint files")
+    models.add_argument("--models-from", type=Path, metavar="FILE", help="a file listing models, one a line (# comments)")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompts", nargs="+", metavar="TEXT", help="text prompts (default: the probe's one prompt)")
+    prompts.add_argument("--prompts-from", type=Path, metavar="FILE", help="a file of prompts, one a line")
+    p.add_argument("--seeds", type=parse_int_list, default=[Probe().seed], help="noise seeds, e.g. 0-3,7 (default 0)")
+    p.add_argument("--base-model", default=None, help="model dir giving training checkpoints their architecture and text encoder")
+    p.add_argument("--out", type=Path, required=True, help="sweep directory: parts/, sweep.log, sweep.nc, report.html")
+    p.add_argument("--scheduler", default="local:1", help="local:N (a cluster of N workers here; one per GPU on CUDA) or a scheduler address")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per local worker (default: cores / workers)")
+    p.add_argument("--retries", type=int, default=2, help="times Dask reruns a part whose task raised")
+    p.add_argument("--resources", default="", help="what each task needs of a worker on an existing cluster, e.g. GPU=1")
+    p.add_argument("--report", type=Path, default=None, help="HTML report across checkpoints (default: OUT/report.html)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_probe_arguments(p, single_run=False)
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from attn_harness.sampling.sweep import MERGED_NAME, parse_resources, read_list, sweep
+
+    if args.retries < 0 or (args.threads is not None and args.threads < 1):
+        raise HarnessError("--retries must be >= 0 and --threads >= 1")
+    models = args.models or read_list(args.models_from, resolve_paths=True)
+    prompts = args.prompts or (read_list(args.prompts_from, resolve_paths=False) if args.prompts_from else [Probe().prompt])
+    start = time.perf_counter()
+    ds = sweep(
+        models, prompts, args.seeds, _probe_from_args(args), out=args.out, scheduler=args.scheduler,
+        base_model=args.base_model, retries=args.retries, threads=args.threads, resources=parse_resources(args.resources),
+        progress=False if args.no_progress else None,
+    )
+    sizes = ", ".join(f"{dim}={size}" for dim, size in ds.sizes.items())
+    print(f"wrote {args.out / MERGED_NAME} ({sizes}) in {time.perf_counter() - start:.1f} s")
+    if not args.no_report:
+        from attn_harness.report.sweep import render_sweep_report
+
+        print(f"wrote {render_sweep_report(ds, args.report or args.out / 'report.html')}")
     return 0
 
 
@@ -346,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats(sub)
     _add_plot(sub)
     _add_compare(sub)
+    _add_sweep(sub)
     return parser
 
 

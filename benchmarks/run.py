@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import e2e, logits_cpu, overhead, scaling, seed_method
+from benchmarks import e2e, logits_cpu, overhead, scaling, seed_method, sweep
 from benchmarks.shapes import EMBEDDED, MID, MID_QUICK, SMOKE, WAN_1_3B, Shape
 from benchmarks.timing import environment
 
-SECTIONS = ("overhead", "seed-method", "scaling", "e2e", "logits-cpu", "kernels")
+SECTIONS = ("overhead", "seed-method", "scaling", "e2e", "logits-cpu", "kernels", "sweep")
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,15 @@ class Profile:
     logits_frames: tuple[int, ...]
     e2e_reps: int
     logits_cpu_tokens: tuple[int, ...] = (7800, 32760)
+    sweep_reps: int = 2
 
 
 PROFILES = {
     "full": Profile(
-        5, 1, (EMBEDDED, MID), (1560, 3120, 4680, 7800), (1560, 3120, 4680, 7800), 1560, (2, 3, 4, 5), 1560, (3, 6, 12, 21), 5
+        5, 1, (EMBEDDED, MID), (1560, 3120, 4680, 7800), (1560, 3120, 4680, 7800), 1560, (2, 3, 4, 5), 1560, (3, 6, 12, 21), 5, sweep_reps=3
     ),
-    "quick": Profile(5, 1, (EMBEDDED, MID_QUICK), (1560, 3120), (1560, 7800), 1560, (1, 2, 3, 4), 780, (3, 6, 12, 21), 1),
-    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0, (16, 32)),
+    "quick": Profile(5, 1, (EMBEDDED, MID_QUICK), (1560, 3120), (1560, 7800), 1560, (1, 2, 3, 4), 780, (3, 6, 12, 21), 1, sweep_reps=2),
+    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0, (16, 32), sweep_reps=0),
 }
 
 
@@ -86,6 +87,9 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
     if "e2e" in sections and profile.e2e_reps:
         log(f"[e2e] pytest {specs}: cold cache, warm cache, warm with report, collect-only")
         records += e2e.run(specs, reps=profile.e2e_reps, env=env)
+    if "sweep" in sections and profile.sweep_reps:
+        log(f"[sweep] {len(sweep.MODELS)} models x {len(sweep.PROMPTS)} prompts x {len(sweep.SEEDS)} seeds: 2 workers vs 1 (1 torch thread each)")
+        records += sweep.run(reps=profile.sweep_reps, env=env)
     return records
 
 

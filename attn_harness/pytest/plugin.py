@@ -51,12 +51,16 @@ class _State:
     records: dict[str, CheckRecord] = field(default_factory=dict)  # nodeid -> record (controller)
     specs: dict[str, SpecInfo] = field(default_factory=dict)  # spec name -> spec entry (controller)
     report_path: Path | None = None
+    remote: Any = None  # attn_harness.pytest.distributed.RemoteExtractions under --attn-scheduler
 
     def dataset(self, spec: Spec, source: str, base_model: str | None, probe: Probe):
         key = f"{spec.file}::{spec.name}"
         if key not in self.loaded:
             try:
-                self.loaded[key] = self.cache.load_or_extract(source, probe, base_model=base_model)
+                if self.remote is not None and key in self.remote:
+                    self.loaded[key] = self.remote.result(key)
+                else:
+                    self.loaded[key] = self.cache.load_or_extract(source, probe, base_model=base_model)
             except HarnessError as err:
                 self.loaded[key] = err
         found = self.loaded[key]
@@ -80,6 +84,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write the HTML report to DIR/index.html (default: reports/latest under the rootdir)")
     group.addoption("--no-attn-report", action="store_true", default=False,
                     help="do not write the HTML report")
+    group.addoption("--attn-scheduler", metavar="ADDR|local:N", default=None,
+                    help="run the specs' extractions as tasks on a Dask cluster (local:N starts one here)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -93,6 +99,24 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = state
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_Collector(state), "attn-harness-results")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    scheduler = session.config.getoption("attn_scheduler")
+    if scheduler:
+        from attn_harness.pytest.distributed import submit_specs
+
+        state = session.config.stash[_STATE]
+        try:
+            state.remote = submit_specs(session.items, state.cache, scheduler)
+        except HarnessError as err:
+            raise pytest.UsageError(f"--attn-scheduler {scheduler}: {err}") from None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is not None and state.remote is not None:
+        state.remote.close()
 
 
 def _is_spec_file(file_path: Path, root: Path) -> bool:
