@@ -7,7 +7,7 @@ $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $(SETUP_STAMP)
 
-.PHONY: setup demo test
+.PHONY: setup demo test lint
 setup: $(SETUP_STAMP)
 
 demo: $(SETUP_STAMP)
@@ -15,3 +15,6 @@ demo: $(SETUP_STAMP)
 
 test: $(SETUP_STAMP)
 	$(VENV)/python -m pytest -q tests specs
+
+lint: $(SETUP_STAMP)
+	$(VENV)/ruff check .

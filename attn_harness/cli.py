@@ -17,6 +17,7 @@ from attn_harness import __version__
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import DTYPES, MASKS, MODES, Probe
 from attn_harness.core.schema import LEGACY_MASKS
+from attn_harness.report.settings import DEFAULT_TOP, FLIP_MARGIN, SINK_HEAD_THRESHOLD
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -60,27 +61,10 @@ def _query_frames(text: str) -> str | list[int]:
     return "last-block" if text == "last-block" else parse_int_list(text)
 
 
-def _add_extract(sub) -> None:
-    p = sub.add_parser(
-        "extract",
-        help="run the sampler with capture and write a NetCDF extraction",
-        description="Sample from a model with attention capture hooks and write frame x frame "
-        "statistics (logits, mass) per step, layer and head to a NetCDF file.",
-    )
+def _add_probe_arguments(p: argparse.ArgumentParser, *, single_run: bool = True) -> None:
+    """The probe's flags (``Probe`` fields); ``single_run=False`` leaves out --prompt and --seed,
+    which a sweep takes as lists."""
     defaults = Probe()
-    p.add_argument(
-        "--model",
-        default="tiny-random",
-        help="embedded model name (tiny-random), a model dir (diffusers pipeline or transformer, original Wan), "
-        "or a training checkpoint file (.pt/.safetensors)",
-    )
-    p.add_argument("--base-model", default=None, help="model dir giving a training checkpoint its architecture and text encoder")
-    p.add_argument(
-        "--prompt-embeds",
-        default=None,
-        help="text embeddings file (.pt tensor [1, tokens, text_dim], or dict/.safetensors with prompt_embeds "
-        "and negative_prompt_embeds); replaces the text encoder",
-    )
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -88,7 +72,6 @@ def _add_extract(sub) -> None:
         help="teacher-forced: whole clip per step; rollout: block by block with a KV cache (needs --mask block-causal "
         "or sink-window)",
     )
-    p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
     p.add_argument("--layers", default="all", type=_layers, help="blocks to capture: all, or e.g. 0-3,5")
     p.add_argument("--steps", default="first,mid,last", type=_steps, help="denoising steps to capture: first,mid,last or indices")
     p.add_argument("--metrics", default="logits,mass", type=_metrics, help="logits, plus mass, aligned_mass and/or text_mass")
@@ -98,15 +81,16 @@ def _add_extract(sub) -> None:
     p.add_argument("--height", type=int, default=None, help="pixel height, a multiple of 16 (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="pixel width, a multiple of 16 (default: the model's)")
     p.add_argument("--sample-steps", type=int, default=defaults.sample_steps, help="denoising steps in the run")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="noise seed")
-    p.add_argument("--prompt", default=defaults.prompt, help="text prompt")
+    if single_run:
+        p.add_argument("--seed", type=int, default=defaults.seed, help="noise seed")
+        p.add_argument("--prompt", default=defaults.prompt, help="text prompt")
+        p.add_argument("--prompts", dest="population_prompts", type=Path, default=None, metavar="FILE",
+                       help="text file, one prompt a line: a population over prompts (dataset dim 'sample')")
+        p.add_argument("--seeds", dest="population_seeds", type=lambda text: tuple(parse_int_list(text)), default=(),
+                       help="noise seeds, e.g. 0,1,2 or 0-7: a population over seeds (dataset dim 'sample')")
+        p.add_argument("--sample-batch", type=int, default=defaults.sample_batch,
+                       help="samples per batched run of a population")
     p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt for CFG")
-    p.add_argument("--prompts", type=Path, default=None,
-                   help="text file, one prompt a line: a population over prompts (dataset dim 'sample')")
-    p.add_argument("--seeds", type=lambda text: tuple(parse_int_list(text)), default=(),
-                   help="noise seeds, e.g. 0,1,2 or 0-7: a population over seeds (dataset dim 'sample')")
-    p.add_argument("--sample-batch", type=int, default=defaults.sample_batch,
-                   help=f"samples per batched run of a population (default {defaults.sample_batch})")
     p.add_argument("--guidance", type=float, default=defaults.guidance, help="CFG scale (<= 1 disables the unconditional pass)")
     p.add_argument("--shift", type=float, default=defaults.shift, help="flow shift of the scheduler")
     p.add_argument("--mask", choices=MASKS, default=defaults.mask, help="self-attention mask the model runs under")
@@ -120,8 +104,6 @@ def _add_extract(sub) -> None:
     p.add_argument("--branch", choices=("cond", "uncond"), default=defaults.branch, help="CFG branch to capture")
     p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="model dtype (statistics are always float32)")
     p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_extract)
 
 
 def _read_prompts(path: Path) -> tuple[str, ...]:
@@ -134,17 +116,16 @@ def _read_prompts(path: Path) -> tuple[str, ...]:
     return prompts
 
 
-def cmd_extract(args: argparse.Namespace) -> int:
-    from attn_harness.sampling.extract import extract
-    from attn_harness.core.store import write_dataset
-
-    probe = Probe(
-        prompts=_read_prompts(args.prompts) if args.prompts else (),
-        seeds=args.seeds,
-        sample_batch=args.sample_batch,
-        prompt=args.prompt,
+def _probe_from_args(args: argparse.Namespace) -> Probe:
+    """The ``Probe`` the flags of ``_add_probe_arguments`` describe (prompt and seed: defaults when absent)."""
+    defaults = Probe()
+    return Probe(
+        prompt=getattr(args, "prompt", defaults.prompt),
+        prompts=_read_prompts(args.population_prompts) if getattr(args, "population_prompts", None) else (),
+        seeds=getattr(args, "population_seeds", ()),
+        sample_batch=getattr(args, "sample_batch", defaults.sample_batch),
         negative_prompt=args.negative_prompt,
-        seed=args.seed,
+        seed=getattr(args, "seed", defaults.seed),
         num_frames=args.frames,
         height=args.height,
         width=args.width,
@@ -159,7 +140,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         branch=args.branch,
-        prompt_embeds=args.prompt_embeds,
+        prompt_embeds=getattr(args, "prompt_embeds", None),
         mode=args.mode,
         sink_frames=args.sink_frames,
         window_frames=args.window_frames,
@@ -167,11 +148,94 @@ def cmd_extract(args: argparse.Namespace) -> int:
         warp_timesteps=not args.no_warp_timesteps,
         capture_timesteps=args.capture_timesteps,
     )
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="run the sampler with capture and write a NetCDF extraction",
+        description="Sample from a model with attention capture hooks and write frame x frame "
+        "statistics (logits, mass) per step, layer and head to a NetCDF file.",
+    )
+    p.add_argument(
+        "--model",
+        default="tiny-random",
+        help="embedded model name (tiny-random), a model dir (diffusers pipeline or transformer, original Wan), "
+        "or a training checkpoint file (.pt/.safetensors)",
+    )
+    p.add_argument("--base-model", default=None, help="model dir giving a training checkpoint its architecture and text encoder")
+    p.add_argument(
+        "--prompt-embeds",
+        default=None,
+        help="text embeddings file (.pt tensor [1, tokens, text_dim], or dict/.safetensors with prompt_embeds "
+        "and negative_prompt_embeds); replaces the text encoder",
+    )
+    p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
+    _add_probe_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_extract)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from attn_harness.sampling.extract import extract
+    from attn_harness.core.store import write_dataset
+
+    probe = _probe_from_args(args)
     start = time.perf_counter()
     ds = extract(args.model, probe, progress=None if not args.no_progress else False, base_model=args.base_model)
     path = write_dataset(ds, args.out)
     sizes = ", ".join(f"{dim}={size}" for dim, size in ds.sizes.items())
     print(f"wrote {path} ({sizes}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="extract many checkpoints x prompts x seeds as tasks on a Dask cluster, merged into one dataset",
+        description="Run one probe over every checkpoint, prompt and seed as Dask tasks (a local cluster "
+        "or an existing scheduler), one part file per task; a rerun skips finished parts. Writes "
+        "OUT/sweep.nc (dims checkpoint, prompt, seed, then the extraction's) and OUT/report.html.",
+    )
+    models = p.add_mutually_exclusive_group(required=True)
+    models.add_argument("--models", nargs="+", metavar="MODEL", help="embedded names, model dirs or checkpoint files")
+    models.add_argument("--models-from", type=Path, metavar="FILE", help="a file listing models, one a line (# comments)")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompts", nargs="+", metavar="TEXT", help="text prompts (default: the probe's one prompt)")
+    prompts.add_argument("--prompts-from", type=Path, metavar="FILE", help="a file of prompts, one a line")
+    p.add_argument("--seeds", type=parse_int_list, default=[Probe().seed], help="noise seeds, e.g. 0-3,7 (default 0)")
+    p.add_argument("--base-model", default=None, help="model dir giving training checkpoints their architecture and text encoder")
+    p.add_argument("--out", type=Path, required=True, help="sweep directory: parts/, sweep.log, sweep.nc, report.html")
+    p.add_argument("--scheduler", default="local:1", help="local:N (a cluster of N workers here; one per GPU on CUDA) or a scheduler address")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per local worker (default: cores / workers)")
+    p.add_argument("--retries", type=int, default=2, help="times Dask reruns a part whose task raised")
+    p.add_argument("--resources", default="", help="what each task needs of a worker on an existing cluster, e.g. GPU=1")
+    p.add_argument("--report", type=Path, default=None, help="HTML report across checkpoints (default: OUT/report.html)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_probe_arguments(p, single_run=False)
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from attn_harness.sampling.sweep import MERGED_NAME, parse_resources, read_list, sweep
+
+    if args.retries < 0 or (args.threads is not None and args.threads < 1):
+        raise HarnessError("--retries must be >= 0 and --threads >= 1")
+    models = args.models or read_list(args.models_from, resolve_paths=True)
+    prompts = args.prompts or (read_list(args.prompts_from, resolve_paths=False) if args.prompts_from else [Probe().prompt])
+    start = time.perf_counter()
+    ds = sweep(
+        models, prompts, args.seeds, _probe_from_args(args), out=args.out, scheduler=args.scheduler,
+        base_model=args.base_model, retries=args.retries, threads=args.threads, resources=parse_resources(args.resources),
+        progress=False if args.no_progress else None,
+    )
+    sizes = ", ".join(f"{dim}={size}" for dim, size in ds.sizes.items())
+    print(f"wrote {args.out / MERGED_NAME} ({sizes}) in {time.perf_counter() - start:.1f} s")
+    if not args.no_report:
+        from attn_harness.report.sweep import render_sweep_report
+
+        print(f"wrote {render_sweep_report(ds, args.report or args.out / 'report.html')}")
     return 0
 
 
@@ -194,7 +258,10 @@ def cmd_import_legacy(args: argparse.Namespace) -> int:
 
     ds = import_legacy(args.file, mask=args.mask)
     path = write_dataset(ds, args.out)
-    print(f"wrote {path}: layer {int(ds.layer[0])}, {ds.sizes['head']} heads, {ds.sizes['query_frame']} frames, mask {ds.attrs['mask']}")
+    print(
+        f"wrote {path}: layer {int(ds.layer[0])}, {ds.sizes['head']} heads, {ds.sizes['query_frame']} frames, "
+        f"mask {ds.attrs['mask']}"
+    )
     return 0
 
 
@@ -283,9 +350,10 @@ def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="compare two extractions (e.g. two checkpoints) in one HTML page",
-        description="Per layer A and B heatmaps with B - A on a symmetric scale, per-head deltas, "
-        "a table of flips (sink sign, sink-head membership, diagonal dominance) and an overview "
-        "of mean |B - A| per layer x head.",
+        description="The provenance of both sides (a warning when the probes differ), an overview of "
+        "mean |B - A| per layer x head, the layers ranked by it, flips beyond a noise margin (sink sign, "
+        "sink-head membership, diagonal dominance), per-head deltas of every layer, and A, B and B - A "
+        "head grids for the top layers (values under the pointer, click to enlarge).",
     )
     p.add_argument("a", type=Path, help="first extraction (.nc)")
     p.add_argument("b", type=Path, help="second extraction (.nc)")
@@ -293,8 +361,33 @@ def _add_compare(sub) -> None:
     p.add_argument("--labels", default="A,B", help="two labels, comma-separated, e.g. base,distilled")
     p.add_argument("--layers", type=parse_int_list, default=None, help="layers to compare (default: all shared)")
     p.add_argument("--metric", choices=("logits", "mass"), default="logits", help="variable to compare")
-    p.add_argument("--step", default="last", help="first, mid, last or a step index for the per-layer grids")
+    p.add_argument("--step", default="last",
+                   help="first, mid, last or a step of A: the step of the ranking, flips and grids (paired by position)")
+    p.add_argument("--steps", type=_step_pair, default=None, metavar="A_STEP,B_STEP",
+                   help="compare one step of each side (first, mid, last or a captured step), e.g. last,0")
+    p.add_argument("--top", type=_top, default=DEFAULT_TOP, metavar="K|all",
+                   help=f"draw full head grids for the K layers that differ most, or all (default {DEFAULT_TOP})")
+    p.add_argument("--sink-threshold", type=float, default=None, metavar="X",
+                   help="sink score that makes a sink head (default: "
+                   + ", ".join(f"{v:g} for {k}" for k, v in SINK_HEAD_THRESHOLD.items()) + ")")
+    p.add_argument("--flip-margin", type=float, default=FLIP_MARGIN, metavar="F",
+                   help=f"a flip counts when both values are F x scale from the boundary (default {FLIP_MARGIN})")
     p.set_defaults(func=cmd_compare)
+
+
+def _step_pair(text: str) -> tuple[int | str, int | str]:
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"needs two steps like last,0 (A's step, then B's); got {text!r}")
+    return tuple(int(part) if part.isdigit() else part for part in parts)
+
+
+def _top(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"needs a positive number of layers or 'all'; got {text!r}")
+    return int(text)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -314,6 +407,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         metric=args.metric,
         step=step,
         sources=(str(args.a), str(args.b)),
+        top=args.top,
+        steps=args.steps,
+        sink_threshold=args.sink_threshold,
+        flip_margin=args.flip_margin,
     )
     print(f"wrote {out}")
     return 0
@@ -331,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats(sub)
     _add_plot(sub)
     _add_compare(sub)
+    _add_sweep(sub)
     return parser
 
 

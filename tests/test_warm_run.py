@@ -21,7 +21,8 @@ from attn_harness.core.spec import DEFAULT_TOLERANCES, load_specs
 from attn_harness.sampling.cache import ExtractionCache, resolved_device
 from tests.test_baseline import make_ds
 
-PLUGIN_ARGS = [] if any(ep.name == "attn_harness" for ep in entry_points(group="pytest11")) else ["-p", "attn_harness.pytest.plugin"]
+REGISTERED = any(ep.name == "attn_harness" for ep in entry_points(group="pytest11"))
+PLUGIN_ARGS = [] if REGISTERED else ["-p", "attn_harness.pytest.plugin"]
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 # Loaded as the project's conftest: which heavy modules the session imported, written at its end.
 PROBE = f"""\

@@ -63,7 +63,8 @@ class Param:
         ):
             return {int(h): t for h, t in value.items()}
         if kind == "steps" and (
-            value == "all" or (isinstance(value, (list, tuple)) and value and all(_is_int(v) or v in ("first", "last") for v in value))
+            value == "all"
+            or (isinstance(value, (list, tuple)) and value and all(_is_int(v) or v in ("first", "last") for v in value))
         ):
             return value if value == "all" else tuple(value)
         raise ValueError(f"expected {self.describe()}; got {value!r}")
@@ -563,7 +564,7 @@ _register(Property(
 _register(Property(
     name="sink_score",
     formula="per head: r[b] = mean over query frames a of x[a, b]; sink = r[k_0] - mean(r[k_1..k_m-1]) "
-    "(DESIGN.md section 3); sign positive: sink > 0, negative: sink < 0; min <= sink <= max",
+    "(docs/design.md, section Statistics); sign positive: sink > 0, negative: sink < 0; min <= sink <= max",
     params={
         "sign": Param("choice", None, "required sign of the sink score", ("positive", "negative")),
         "min": Param("number", None, "lowest allowed sink score"),
@@ -717,8 +718,7 @@ def _select(ds: xr.Dataset, params: dict, layer: int | None) -> xr.DataArray:
     if metric not in ds.data_vars:
         raise HarnessError(f"this extraction has no '{metric}' variable (it has {sorted(ds.data_vars)}); "
                            "add it to the probe's metrics or check another metric")
-    da = ds[metric]
-    da.attrs = {**ds.attrs, **da.attrs}
+    da = ds[metric].assign_attrs({**ds.attrs, **ds[metric].attrs})  # a copy: the caller's Dataset keeps its attrs
     selection: dict[str, list[int]] = {}
     if layer is not None:
         selection["layer"] = [layer]

@@ -1,4 +1,4 @@
-"""Derived statistics on frame x frame DataArrays (DESIGN.md section 3).
+"""Derived statistics on frame x frame DataArrays (docs/design.md, "Statistics").
 
 Every function takes a DataArray with dims ``query_frame`` and ``key_frame`` plus any others
 (``step``, ``layer``, ``head``) and keeps those others, so the same code serves one layer in

@@ -1,4 +1,4 @@
-"""The data contract of one extraction (DESIGN.md section 4), shared by every module.
+"""The data contract of one extraction (docs/design.md, "Data contract"), shared by every module.
 
 An extraction is an ``xarray.Dataset`` with variables ``logits`` and (optionally) ``mass`` and
 ``aligned_mass`` over the dims ``(step, layer, head, query_frame, key_frame)``, optionally
@@ -60,6 +60,56 @@ REQUIRED_ATTRS: tuple[str, ...] = (
     "created",
 )
 
+
+# Every provenance attr, in the order reports show it, with its group. One list for the
+# results record, the baseline diff, the run report and the comparison:
+# - "model": which weights were measured (expected to differ between two checkpoints);
+# - "probe": what was run on them: prompt, seed, geometry, sampler, mask and mode. Two
+#   extractions whose probes differ measure different things (the comparison warns);
+# - "software": device and library versions;
+# - "record": where and when the file was written (shown, never compared).
+PROVENANCE_ATTRS: dict[str, str] = {
+    "model_id": "model",
+    "checkpoint_layout": "model",
+    "checkpoint_fingerprint": "model",
+    "model_architecture": "model",
+    "prompt": "probe",
+    "negative_prompt": "probe",
+    "prompt_encoder": "probe",
+    "prompt_embedding_fingerprint": "probe",
+    "seed": "probe",
+    "height": "probe",
+    "width": "probe",
+    "num_frames": "probe",
+    "latent_frames": "probe",
+    "tokens_per_frame": "probe",
+    "temporal_stride": "probe",
+    "mode": "probe",
+    "mask": "probe",
+    "block_size": "probe",
+    "sample_steps": "probe",
+    "scheduler": "probe",
+    "guidance": "probe",
+    "shift": "probe",
+    "branch": "probe",
+    "dtype": "probe",
+    "device": "software",
+    "harness_version": "software",
+    "torch_version": "software",
+    "diffusers_version": "software",
+    "source": "record",
+    "checkpoint_path": "record",
+    "created": "record",
+}
+PROVENANCE_GROUPS: tuple[str, ...] = ("model", "probe", "software", "record")
+
+
+def provenance_keys(*groups: str) -> tuple[str, ...]:
+    """The provenance attrs of the given groups (all of them when none is named), in report order."""
+    unknown = set(groups) - set(PROVENANCE_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown provenance groups {sorted(unknown)}; groups are {list(PROVENANCE_GROUPS)}")
+    return tuple(key for key, group in PROVENANCE_ATTRS.items() if not groups or group in groups)
 
 
 def json_safe_attr(value: Any) -> str | int | float | list:

@@ -435,7 +435,8 @@ def _baseline(ctx: _Ctx, raw: Any, line: int) -> BaselineSpec | None:
     try:
         file.format(spec="s", layer=0)
     except (KeyError, IndexError, ValueError) as err:
-        raise ctx.fail(_line(raw, "file", line), f"baseline.file may use {{spec}} and {{layer}} only; got {file!r} ({err})") from None
+        message = f"baseline.file may use {{spec}} and {{layer}} only; got {file!r} ({err})"
+        raise ctx.fail(_line(raw, "file", line), message) from None
     layers = None
     if "layers" in raw:
         try:

@@ -1,4 +1,4 @@
-"""NetCDF storage of extractions and validation against the data contract (DESIGN.md section 4).
+"""NetCDF storage of extractions and validation against the data contract (docs/design.md, "Data contract").
 
 Files are NetCDF4 written and read with the explicitly named engine ``h5netcdf``. Writes are
 atomic (temp file in the same directory, then ``os.replace``), so a crash never leaves a
@@ -88,7 +88,8 @@ def validate(ds: xr.Dataset) -> None:
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         listing = "; ".join(problems)
-        raise HarnessError(f"dataset does not follow the data contract (DESIGN.md section 4), {count}: {listing}")
+        contract = "the data contract (docs/design.md, section 'Data contract')"
+        raise HarnessError(f"dataset does not follow {contract}, {count}: {listing}")
 
 
 def dataset_summary(ds: xr.Dataset) -> str:

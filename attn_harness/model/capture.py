@@ -1,7 +1,7 @@
 """Exact frame x frame attention statistics from q and k, and the processor that captures them.
 
-``frame_stats`` turns post-RoPE queries and keys into the two statistics of DESIGN.md
-section 3 without ever materialising the token x token matrix:
+``frame_stats`` turns post-RoPE queries and keys into the two statistics of docs/design.md
+("Statistics") without ever materialising the token x token matrix:
 
 * ``logits[a, b]`` by bilinearity: (mean of q over frame a) . (mean of k over frame b) / sqrt(d);
 * ``mass[a, b]`` by running attention with the values replaced by one-hot(frame of key),
@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from attn_harness.core.errors import HarnessError
+from attn_harness.model.kernels import triton_available
+from attn_harness.model.kernels.framesums import frame_sums
 from attn_harness.model.wan_attention import WanProcessorBase, apply_rotary, project_out, project_qkv
 
 STAT_DTYPE = torch.float32
@@ -169,13 +171,17 @@ def frame_stats(
     mask: torch.Tensor | None = None,
     metrics: Sequence[str] = ("logits", "mass"),
     chunk_tokens: int = DEFAULT_QUERY_CHUNK_TOKENS,
+    lse: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Frame x frame ``logits``, ``mass`` and ``aligned_mass`` of one attention call, float32 ``[batch, heads, qf, kf]``.
 
     ``q`` and ``k`` are post-RoPE ``[batch, tokens, heads, head_dim]`` with tokens frame-major;
     ``mask`` is bool ``[query_frame, key_frame]`` (True = may attend). Masked cells: logits NaN,
-    mass 0. Queries are processed ``chunk_tokens`` at a time (whole frames), so memory stays
-    linear in the token count whatever attention kernel runs.
+    mass 0. The logits need only per-frame sums of q and k (float32, no copy of q or k). On
+    CUDA with Triton the mass comes from the kernels of ``kernels.mass`` (one pass over the
+    keys when ``lse``, the row logsumexp ``[batch, heads, tokens]`` of the model's own call, is
+    given; two otherwise); elsewhere from float32 SDPA with one-hot values, queries
+    ``chunk_tokens`` at a time (whole frames). Memory stays linear in the token count.
     """
     num_frames = _check_qk(q, k, tokens_per_frame)
     unknown = set(metrics) - set(FRAME_METRICS)
@@ -185,12 +191,18 @@ def frame_stats(
         mask = mask.to(device=q.device)
     out: dict[str, torch.Tensor] = {}
     if "logits" in metrics:
-        q_mean = q.to(STAT_DTYPE).unflatten(1, (num_frames, tokens_per_frame)).mean(2)
-        k_mean = k.to(STAT_DTYPE).unflatten(1, (num_frames, tokens_per_frame)).mean(2)
+        q_mean = frame_sums(q, tokens_per_frame) / tokens_per_frame
+        k_mean = frame_sums(k, tokens_per_frame) / tokens_per_frame
         logits = torch.einsum("bahd,bchd->bhac", q_mean, k_mean) / math.sqrt(q.shape[-1])
         out["logits"] = logits if mask is None else logits.masked_fill(~mask, float("nan"))
     if "mass" in metrics:
-        out["mass"] = _mass(q, k, tokens_per_frame, mask_groups(mask, num_frames), chunk_tokens)
+        groups = mask_groups(mask, num_frames)
+        if q.is_cuda and triton_available():
+            from attn_harness.model.kernels.mass import frame_mass  # imports Triton
+
+            out["mass"] = frame_mass(q, k, tokens_per_frame, groups, lse=lse)
+        else:
+            out["mass"] = _mass(q, k, tokens_per_frame, groups, chunk_tokens)
     if "aligned_mass" in metrics:
         out["aligned_mass"] = _aligned_mass(q, k, tokens_per_frame, mask_groups(mask, num_frames))
     return out

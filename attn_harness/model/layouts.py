@@ -1,6 +1,6 @@
 """Checkpoint layouts on disk -> (diffusers config, diffusers-keyed state dict), offline.
 
-Four layouts are recognised (DESIGN.md section 2):
+Four layouts are recognised (docs/design.md, "Model sources"):
 
 * ``diffusers-pipeline``: ``model_index.json`` + ``transformer/`` (a diffusers pipeline dir);
 * ``diffusers-transformer``: ``config.json`` with ``_class_name: WanTransformer3DModel``;
@@ -34,6 +34,7 @@ from attn_harness.core.layout import (  # noqa: F401  (re-exported: the model la
     detect_layout,
     read_json,
 )
+from attn_harness.model.torchfile import safe_load
 
 # Trainer checkpoints: the EMA generator is what one samples from, so it wins when present.
 GENERATOR_ENTRIES = ("generator_ema", "generator")
@@ -199,13 +200,7 @@ def load_checkpoint_file(path: Path) -> object:
     """A ``.safetensors`` file as a dict, or a ``.pt`` file with torch's weights-only loader."""
     if path.suffix == ".safetensors":
         return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several types for unreadable or unsafe pickles
-        raise HarnessError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({type(err).__name__}: {str(err)[:200]}); "
-            "save the generator's state_dict (tensors only) with torch.save"
-        ) from err
+    return safe_load(path, what="a training checkpoint: the generator's state_dict (tensors only) saved with torch.save")
 
 
 def read_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ modulation tables, norms) stay float32 whatever ``dtype`` says, as ``from_pretra
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from attn_harness.core.fingerprint import (  # noqa: F401  (re-exported: the mod
     cache_dir,
     file_sha256,
     files_fingerprint,
+    sha256_chunks,
 )
 from attn_harness.model.prompts import (
     ORIGINAL_T5_GLOB,
@@ -102,12 +102,13 @@ def hash_prompt_embedding(prompt: str, text_tokens: int, text_dim: int) -> torch
 
 def state_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over parameter names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
+    def chunks():
+        for name, tensor in sorted(model.state_dict().items()):
+            data = tensor.detach().cpu().contiguous()
+            yield f"{name}|{data.dtype}|{tuple(data.shape)}|".encode()
+            yield data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+
+    return sha256_chunks(chunks())
 
 
 def build_tiny_random() -> WanTransformer3DModel:
@@ -199,7 +200,9 @@ def build_transformer(config: dict, state: dict[str, torch.Tensor], where: Path)
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         key, got, want = wrong[0]
-        raise HarnessError(f"{where}: {len(wrong)} weight(s) have the wrong shape for {_arch(config)}, e.g. {key} is {got}, expected {want}")
+        raise HarnessError(
+            f"{where}: {len(wrong)} weight(s) have the wrong shape for {_arch(config)}, e.g. {key} is {got}, expected {want}"
+        )
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
 
@@ -262,7 +265,9 @@ def _load_path(path: Path, base_model: Path | None, device: str | torch.device) 
         if base_model is not None:
             base = layouts.detect_layout(base_model)
             if base.kind == "training-checkpoint":
-                raise HarnessError(f"--base-model {base_model}: must be a model dir (diffusers or original Wan), not a checkpoint file")
+                raise HarnessError(
+                    f"--base-model {base_model}: must be a model dir (diffusers or original Wan), not a checkpoint file"
+                )
             config = _architecture_of_dir(base, state if base.kind == "wan-original" else None)
             architecture = f"{base.kind} config of {base.path}"
             text_layout = base

@@ -12,7 +12,7 @@ first (``matches_baseline``), so a passing check reads one file and writes none.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,14 +24,12 @@ from pytest_regressions.common import perform_regression_check
 from attn_harness.core import store
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.calibration import DEFAULT_SIGMAS, calibrated_differences
-from attn_harness.core.schema import DIMS, SAMPLE_DIM
+from attn_harness.core.results import VariableDiff, finite_or_text
+from attn_harness.core.schema import DIMS, SAMPLE_DIM, provenance_keys
 from attn_harness.core.spec import Tolerance
 
-PROVENANCE_ATTRS: tuple[str, ...] = (
-    "checkpoint_fingerprint", "model_id", "dtype", "device", "torch_version", "diffusers_version",
-    "harness_version", "prompt", "seed", "height", "width", "num_frames", "mask", "block_size",
-    "sample_steps", "guidance", "shift", "branch",
-)
+# What a baseline records about the run that a difference may come from (not where or when).
+PROVENANCE_ATTRS: tuple[str, ...] = provenance_keys("model", "probe", "software")
 WORST_CELLS = 5
 
 
@@ -78,39 +76,69 @@ def _location_text(location: Mapping[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in location.items())
 
 
-def _value_differences(name: str, expected: xr.DataArray, obtained: xr.DataArray, tol: Tolerance) -> list[str]:
+def variable_difference(name: str, expected: xr.DataArray, obtained: xr.DataArray, tol: Tolerance) -> VariableDiff:
+    """Cells of one variable beyond ``atol + rtol * |baseline|`` (or NaN in one only), the largest
+    absolute and relative differences with their locations, and the worst cells."""
     obtained = obtained.transpose(*expected.dims)
     exp = expected.values.astype(np.float64)
     obt = obtained.values.astype(np.float64)
     exp_nan, obt_nan = np.isnan(exp), np.isnan(obt)
     abs_diff = np.where(exp_nan | obt_nan, 0.0, np.abs(obt - exp))
     bad = (exp_nan != obt_nan) | (abs_diff > tol.atol + tol.rtol * np.abs(np.nan_to_num(exp)))
-    count = int(bad.sum())
-    if count == 0:
-        return []
-    lines = [
-        f"{name}: {count} of {bad.size} cells differ ({count / bad.size:.2%}) beyond atol={tol.atol:g} rtol={tol.rtol:g}"
-    ]
-    nan_mismatch = int((exp_nan != obt_nan).sum())
-    if nan_mismatch:
-        lines.append(f"  {nan_mismatch} cells are NaN in one and not the other")
     with np.errstate(divide="ignore", invalid="ignore"):
         rel_diff = np.where(np.abs(exp) > 0, abs_diff / np.abs(exp), 0.0)
-    for label, diffs in (("abs", abs_diff), ("rel", rel_diff)):
-        flat = int(np.argmax(diffs))
-        loc = _where(expected, flat)
-        lines.append(
-            f"  max {label} diff {diffs.flat[flat]:.6g} at {_location_text(loc)} "
-            f"(baseline {exp.flat[flat]:.6g}, obtained {obt.flat[flat]:.6g})"
-        )
+    abs_at, rel_at = int(np.argmax(abs_diff)), int(np.argmax(rel_diff))
     severity = np.where(exp_nan != obt_nan, np.inf, abs_diff)
-    worst = [i for i in np.argsort(-severity, axis=None, kind="stable")[:WORST_CELLS] if bad.flat[i]]
-    header = "".join(f"{d:>12}" for d in expected.dims) + f"{'baseline':>13}{'obtained':>13}{'abs diff':>12}"
+    worst = [int(i) for i in np.argsort(-severity, axis=None, kind="stable")[:WORST_CELLS] if bad.flat[i]]
+    return VariableDiff(
+        variable=name, cells=int(bad.size), beyond=int(bad.sum()), share=float(bad.mean()) if bad.size else 0.0,
+        nan_mismatch=int((exp_nan != obt_nan).sum()), atol=tol.atol, rtol=tol.rtol,
+        max_abs=_cell(expected, abs_diff, abs_at, exp, obt), max_rel=_cell(expected, rel_diff, rel_at, exp, obt),
+        worst=[
+            {"location": _where(expected, i), "baseline": finite_or_text(exp.flat[i]),
+             "obtained": finite_or_text(obt.flat[i]), "abs_diff": finite_or_text(abs_diff.flat[i])}
+            for i in worst
+        ],
+    )
+
+
+def _cell(da: xr.DataArray, diffs: np.ndarray, flat: int, exp: np.ndarray, obt: np.ndarray) -> dict:
+    return {"value": finite_or_text(diffs.flat[flat]), "location": _where(da, flat),
+            "baseline": finite_or_text(exp.flat[flat]), "obtained": finite_or_text(obt.flat[flat])}
+
+
+def variable_differences(
+    expected: xr.Dataset, obtained: xr.Dataset, tolerances: Mapping[str, Tolerance]
+) -> list[VariableDiff]:
+    """One :class:`VariableDiff` per variable (empty when dims or coords differ)."""
+    if _structure_differences(expected, obtained):
+        return []
+    return [
+        variable_difference(name, expected[name], obtained[name], tolerances[name]) for name in sorted(expected.data_vars)
+    ]
+
+
+def _value_differences(diff: VariableDiff, dims: Sequence[str]) -> list[str]:
+    if diff.beyond == 0:
+        return []
+    lines = [
+        f"{diff.variable}: {diff.beyond} of {diff.cells} cells differ ({diff.share:.2%}) "
+        f"beyond atol={diff.atol:g} rtol={diff.rtol:g}"
+    ]
+    if diff.nan_mismatch:
+        lines.append(f"  {diff.nan_mismatch} cells are NaN in one and not the other")
+    for label, cell in (("abs", diff.max_abs), ("rel", diff.max_rel)):
+        lines.append(
+            f"  max {label} diff {float(cell['value']):.6g} at {_location_text(cell['location'])} "
+            f"(baseline {float(cell['baseline']):.6g}, obtained {float(cell['obtained']):.6g})"
+        )
+    header = "".join(f"{d:>12}" for d in dims) + f"{'baseline':>13}{'obtained':>13}{'abs diff':>12}"
     lines += ["  worst cells:", f"  {header}"]
-    for i in worst:
-        loc = _where(expected, int(i))
-        row = "".join(f"{loc[d]:>12}" for d in expected.dims)
-        lines.append(f"  {row}{exp.flat[i]:>13.6g}{obt.flat[i]:>13.6g}{abs_diff.flat[i]:>12.3g}")
+    for cell in diff.worst:
+        row = "".join(f"{cell['location'][d]:>12}" for d in dims)
+        lines.append(
+            f"  {row}{float(cell['baseline']):>13.6g}{float(cell['obtained']):>13.6g}{float(cell['abs_diff']):>12.3g}"
+        )
     return lines
 
 
@@ -125,12 +153,13 @@ def compare(
     structure = _structure_differences(expected, obtained)
     values: list[str] = []
     if not structure:
-        for name in sorted(expected.data_vars):
-            tol = tolerances[name]
-            if SAMPLE_DIM in expected.dims:
+        if SAMPLE_DIM in expected.dims:
+            for name in sorted(expected.data_vars):
+                tol = tolerances[name]
                 values += calibrated_differences(name, expected[name], obtained[name], tol.atol, tol.rtol, sigmas)
-            else:
-                values += _value_differences(name, expected[name], obtained[name], tol)
+        else:
+            for diff in variable_differences(expected, obtained, tolerances):
+                values += _value_differences(diff, expected[diff.variable].dims)
     if not structure and not values:
         return []
     provenance = provenance_differences(expected, obtained)

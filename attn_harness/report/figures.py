@@ -1,6 +1,6 @@
 """The seed notebook's figures, generalised: head grids, per-head bars, statistics, overviews.
 
-Every function takes latent-frame data as stored (DESIGN.md section 4) and returns a
+Every function takes latent-frame data as stored (docs/design.md, "Data contract") and returns a
 ``matplotlib.figure.Figure`` built without pyplot, so nothing depends on a display or on
 global figure state. Pass ``pixel_frames=F`` to draw the frame axes in pixel frames
 (each pixel frame shows its latent frame, ceil(i / stride)); axis labels say which unit.
@@ -205,7 +205,8 @@ def head_grid(
             for location in highlight or ():
                 if int(location.get("head", head)) == head:
                     _outline(ax, shown, location)
-        colorbar_axes = fig.add_axes((1 - 0.95 / width, bottom / height + 0.1, 0.15 / width, 0.8 - (bottom + top) / height), label="colorbar")
+        colorbar_box = (1 - 0.95 / width, bottom / height + 0.1, 0.15 / width, 0.8 - (bottom + top) / height)
+        colorbar_axes = fig.add_axes(colorbar_box, label="colorbar")
         fig.colorbar(image, cax=colorbar_axes).set_label(LABELS[metric])
         if title:
             fig.suptitle(title, fontweight="bold", y=1 - 0.15 / height, va="top")
@@ -219,11 +220,13 @@ def head_bars(
     title: str | None = None,
     pixel_frames: int | None = None,
     temporal_stride: int = 4,
+    metric: str = "logits",
 ) -> Figure:
     """The seed's figure 2: per head, the query frames' mean attention to each key frame.
 
     The sink score in each title comes from :func:`attn_harness.core.metrics.head_stats` on the latent
-    data (first - mid over the valid key frames), whatever unit the bars are drawn in.
+    data (first - mid over the valid key frames), whatever unit the bars are drawn in. The
+    default title names the layer and step (from ``da``'s scalar coords) and ``metric``.
     """
     da = da.transpose("head", "query_frame", "key_frame")
     stats = metrics.head_stats(da, query_frames)
@@ -248,7 +251,12 @@ def head_bars(
             ax.grid(True, alpha=0.3)
             if index // cols == rows - 1:
                 ax.set_xlabel(f"key frame ({_unit_label(shown)})")
-        fig.suptitle(title or f"Query frames {list(query_frames)} (latent): mean attention per key frame", fontweight="bold")
+            if index % cols == 0:
+                ax.set_ylabel(f"mean {LABELS.get(metric, metric)}")
+        where = ", ".join(f"{dim} {int(da[dim])}" for dim in ("layer", "step") if dim in da.coords and da[dim].ndim == 0)
+        default = f"{where.capitalize()}: {metric}, " if where else f"{metric}: "
+        default += f"mean over query frames {list(query_frames)} (latent) per key frame"
+        fig.suptitle(title or default, fontweight="bold")
     return fig
 
 

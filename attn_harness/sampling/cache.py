@@ -12,7 +12,6 @@ lock and extracts, the others wait and read the file. Every extraction appends o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from filelock import FileLock
 
 import attn_harness
 from attn_harness.core import catalog, store
-from attn_harness.core.fingerprint import file_sha256
+from attn_harness.core.fingerprint import file_sha256, sha256_json
 from attn_harness.core.probe import Probe
 
 DEFAULT_DIR = ".attn-cache"
@@ -35,7 +34,7 @@ def cache_key(fingerprint: str, probe: Probe, device: str, version: str = attn_h
               inputs: dict[str, str] | None = None) -> str:
     """sha256 of everything that decides an extraction; ``inputs`` fingerprints other files it reads."""
     payload = {"model": fingerprint, "probe": probe.as_dict(), "device": device, "harness": version, **(inputs or {})}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_json(payload)
 
 
 def resolved_device(device: str) -> str:

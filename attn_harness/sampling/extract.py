@@ -1,4 +1,4 @@
-"""Sampler run with capture hooks -> one ``xarray.Dataset`` (the data contract, docs/design.md).
+"""Sampler run with capture hooks -> one ``xarray.Dataset`` (docs/design.md, "Data contract").
 
 Wan's text-to-video sampling on latents: flow matching with diffusers' UniPC multistep
 scheduler (or the few-step sampler of distilled models), classifier-free guidance with the
