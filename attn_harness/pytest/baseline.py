@@ -1,36 +1,56 @@
-"""Regression of one layer of an extraction against a stored baseline (NetCDF).
+"""Regression of one layer of an extraction against a stored baseline (NetCDF), per environment class.
 
-``compare`` checks dims and coords first, then values with explicit per-variable
-``atol``/``rtol`` (``attn_harness.core.spec.DEFAULT_TOLERANCES``), and explains a difference: the
-provenance that differs (fingerprint, dtype, device, versions), then per variable how many
-cells differ, the largest absolute and relative differences with their locations and a
-table of the worst cells. ``check_baseline`` runs it through pytest-regressions'
-``perform_regression_check``, so missing baselines, ``--force-regen`` and ``--regen-all``
-behave exactly as in every other pytest-regressions fixture.
+A baseline records the environment class it was made in (``cpu-float32``, ``cuda-float32``,
+``cuda-bfloat16``: ``attn_harness.core.environment``). A run compares against, in this order:
+
+1. the variant for its own class, ``layer3.cuda-float32.nc`` beside ``layer3.nc``, with the
+   spec's tolerances;
+2. the baseline file itself when it was made in the run's class, with the spec's tolerances;
+3. the baseline file made in another class, with the spec's declared cross-environment
+   tolerance (``baseline: {cross_env: ...}``);
+4. else the item fails and says how to add a variant or a cross-environment tolerance.
+
+Nothing is loosened silently: every message names the file and the tolerance used. ``compare``
+checks dims and coords first, then values with explicit per-variable ``atol``/``rtol``, and
+explains a difference: the provenance that differs, then per variable how many cells differ,
+the largest absolute and relative differences with their locations, the worst cells.
+
+Regeneration (the pytest-regressions options): a missing baseline is written and the item
+fails; ``--force-regen`` rewrites the current class's file when it differs (the item still
+fails); ``--regen-all`` rewrites it unless the values are within tolerance and the provenance
+that decides them is unchanged, and ``RegenSummary`` says how many it rewrote and why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import xarray as xr
-from pytest_regressions.common import perform_regression_check
 
 from attn_harness.core import store
+from attn_harness.core.drift import differences, location, structure_differences
+from attn_harness.core.environment import class_of
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.schema import DIMS
 from attn_harness.core.spec import Tolerance
 
 PROVENANCE_ATTRS: tuple[str, ...] = (
-    "checkpoint_fingerprint", "model_id", "dtype", "device", "torch_version", "diffusers_version",
-    "harness_version", "prompt", "seed", "height", "width", "num_frames", "mask", "block_size",
-    "sample_steps", "guidance", "shift", "branch",
+    "checkpoint_fingerprint", "model_id", "dtype", "device", "environment_class", "device_name", "cpu_capability",
+    "torch_version", "diffusers_version", "harness_version", "prompt", "seed", "height", "width", "num_frames", "mask",
+    "block_size", "sample_steps", "guidance", "shift", "branch",
+)
+# What the numbers are of: a change here makes --regen-all rewrite a baseline even when the
+# values happen to agree. Versions, threads and timestamps are not: they only move values
+# within the tolerance (if they move them beyond it, the values say so).
+RELEVANT_PROVENANCE: tuple[str, ...] = (
+    "checkpoint_fingerprint", "model_id", "dtype", "prompt", "negative_prompt", "prompt_embedding_fingerprint", "seed",
+    "height", "width", "num_frames", "mask", "mode", "block_size", "sample_steps", "guidance", "shift", "branch",
 )
 WORST_CELLS = 5
+REGEN_PROPERTY = "attn_baseline_regen"  # user_properties key of an item's --regen-all action
 
 
 def layer_slice(ds: xr.Dataset, layer: int) -> xr.Dataset:
@@ -38,72 +58,58 @@ def layer_slice(ds: xr.Dataset, layer: int) -> xr.Dataset:
     return ds.sel(layer=[layer])
 
 
-def provenance_differences(expected: xr.Dataset, obtained: xr.Dataset) -> list[str]:
+def variant_file(path: Path, environment: str) -> Path:
+    """``baselines/s/layer3.nc`` -> ``baselines/s/layer3.cuda-float32.nc``."""
+    return path.with_name(f"{path.stem}.{environment}{path.suffix}")
+
+
+def obtained_file(path: Path) -> Path:
+    """Where a differing run's data is left (beside the baseline, whichever variant was compared)."""
+    return path.with_name(path.stem + ".obtained" + path.suffix)
+
+
+def tolerance_text(tolerances: Mapping[str, Tolerance]) -> str:
+    return ", ".join(f"{name} atol={tol.atol:g} rtol={tol.rtol:g}" for name, tol in sorted(tolerances.items()))
+
+
+def provenance_differences(expected: xr.Dataset, obtained: xr.Dataset, keys: tuple[str, ...] = PROVENANCE_ATTRS) -> list[str]:
     lines = []
-    for key in PROVENANCE_ATTRS:
-        before, now = expected.attrs.get(key, "<absent>"), obtained.attrs.get(key, "<absent>")
+    for key in keys:
+        if key == "environment_class":
+            before, now = class_of(expected.attrs), class_of(obtained.attrs)
+        else:
+            before, now = expected.attrs.get(key, "<absent>"), obtained.attrs.get(key, "<absent>")
         if before != now:
             lines.append(f"  {key}: baseline {before!r} vs obtained {now!r}")
     return lines
-
-
-def _structure_differences(expected: xr.Dataset, obtained: xr.Dataset) -> list[str]:
-    problems = []
-    if set(expected.data_vars) != set(obtained.data_vars):
-        problems.append(f"variables: baseline {sorted(expected.data_vars)} vs obtained {sorted(obtained.data_vars)}")
-    for dim in DIMS:
-        before = expected[dim].values.tolist() if dim in expected.coords else None
-        now = obtained[dim].values.tolist() if dim in obtained.coords else None
-        if before != now:
-            problems.append(f"coordinate {dim}: baseline {before} vs obtained {now}")
-    if not problems and not np.allclose(expected["timestep"].values, obtained["timestep"].values):
-        problems.append(
-            f"coordinate timestep: baseline {expected['timestep'].values.tolist()} vs obtained "
-            f"{obtained['timestep'].values.tolist()}"
-        )
-    return problems
-
-
-def _where(da: xr.DataArray, flat_index: int) -> dict[str, int]:
-    index = np.unravel_index(flat_index, da.shape)
-    return {dim: int(da[dim].values[i]) for dim, i in zip(da.dims, index)}
-
-
-def _location_text(location: Mapping[str, int]) -> str:
-    return " ".join(f"{k}={v}" for k, v in location.items())
 
 
 def _value_differences(name: str, expected: xr.DataArray, obtained: xr.DataArray, tol: Tolerance) -> list[str]:
     obtained = obtained.transpose(*expected.dims)
     exp = expected.values.astype(np.float64)
     obt = obtained.values.astype(np.float64)
-    exp_nan, obt_nan = np.isnan(exp), np.isnan(obt)
-    abs_diff = np.where(exp_nan | obt_nan, 0.0, np.abs(obt - exp))
-    bad = (exp_nan != obt_nan) | (abs_diff > tol.atol + tol.rtol * np.abs(np.nan_to_num(exp)))
+    abs_diff, rel_diff, nan_mismatch = differences(expected, obtained)
+    bad = nan_mismatch | (abs_diff > tol.atol + tol.rtol * np.abs(np.nan_to_num(exp)))
     count = int(bad.sum())
     if count == 0:
         return []
     lines = [
         f"{name}: {count} of {bad.size} cells differ ({count / bad.size:.2%}) beyond atol={tol.atol:g} rtol={tol.rtol:g}"
     ]
-    nan_mismatch = int((exp_nan != obt_nan).sum())
-    if nan_mismatch:
-        lines.append(f"  {nan_mismatch} cells are NaN in one and not the other")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel_diff = np.where(np.abs(exp) > 0, abs_diff / np.abs(exp), 0.0)
+    if nan_mismatch.any():
+        lines.append(f"  {int(nan_mismatch.sum())} cells are NaN in one and not the other")
     for label, diffs in (("abs", abs_diff), ("rel", rel_diff)):
         flat = int(np.argmax(diffs))
-        loc = _where(expected, flat)
+        where = " ".join(f"{k}={v}" for k, v in location(expected, flat).items())
         lines.append(
-            f"  max {label} diff {diffs.flat[flat]:.6g} at {_location_text(loc)} "
-            f"(baseline {exp.flat[flat]:.6g}, obtained {obt.flat[flat]:.6g})"
+            f"  max {label} diff {diffs.flat[flat]:.6g} at {where} (baseline {exp.flat[flat]:.6g}, obtained {obt.flat[flat]:.6g})"
         )
-    severity = np.where(exp_nan != obt_nan, np.inf, abs_diff)
+    severity = np.where(nan_mismatch, np.inf, abs_diff)
     worst = [i for i in np.argsort(-severity, axis=None, kind="stable")[:WORST_CELLS] if bad.flat[i]]
     header = "".join(f"{d:>12}" for d in expected.dims) + f"{'baseline':>13}{'obtained':>13}{'abs diff':>12}"
     lines += ["  worst cells:", f"  {header}"]
     for i in worst:
-        loc = _where(expected, int(i))
+        loc = location(expected, int(i))
         row = "".join(f"{loc[d]:>12}" for d in expected.dims)
         lines.append(f"  {row}{exp.flat[i]:>13.6g}{obt.flat[i]:>13.6g}{abs_diff.flat[i]:>12.3g}")
     return lines
@@ -111,7 +117,7 @@ def _value_differences(name: str, expected: xr.DataArray, obtained: xr.DataArray
 
 def compare(expected: xr.Dataset, obtained: xr.Dataset, tolerances: Mapping[str, Tolerance]) -> list[str]:
     """Lines explaining how ``obtained`` differs from ``expected``; empty when it matches."""
-    structure = _structure_differences(expected, obtained)
+    structure = structure_differences(expected, obtained)
     values: list[str] = []
     if not structure:
         for name in sorted(expected.data_vars):
@@ -125,57 +131,151 @@ def compare(expected: xr.Dataset, obtained: xr.Dataset, tolerances: Mapping[str,
     return lines + values
 
 
+@dataclass(frozen=True)
+class BaselineOutcome:
+    """What a passing baseline item did: the file, the tolerance, and for --regen-all the action."""
+
+    file: Path
+    tolerance: str
+    action: str  # compared | kept | rewritten
+    reason: str = ""
+
+    def text(self) -> str:
+        if self.action == "compared":
+            return f"matches {self.file} within {self.tolerance}"
+        return f"{self.action} {self.file}: {self.reason}"
+
+
+def _read(path: Path, regen_command: str) -> xr.Dataset:
+    try:
+        return store.read_dataset(path)
+    except HarnessError as err:
+        raise AssertionError(
+            f"baseline {path} cannot be read: {err}\nregenerate it from this run: {regen_command} --force-regen"
+        ) from None
+
+
 def check_baseline(
     obtained: xr.Dataset,
     path: Path,
     tolerances: Mapping[str, Tolerance],
     *,
     config: pytest.Config,
-    item_name: str,
+    item_name: str = "baseline",
     regen_command: str,
-) -> None:
-    """Compare with the baseline at ``path`` (pytest-regressions semantics); fail with a diff.
+    cross_env: Mapping[str, Tolerance] | None = None,
+    spec_location: str = "the spec",
+) -> BaselineOutcome:
+    """Compare ``obtained`` with the baseline at ``path`` (or its variant for the run's class).
 
-    A missing baseline is written and the check fails; ``--force-regen`` rewrites a differing
-    baseline and still fails; ``--regen-all`` rewrites it and passes. On a difference the
-    obtained data is left beside the baseline as ``*.obtained.nc`` (a CI artifact).
+    Returns what was done on a pass; raises ``AssertionError`` with the explanation on a
+    difference, ``pytest.fail.Exception`` when a baseline was written and the item must fail
+    (missing, or ``--force-regen``). A differing run's data is left as ``*.obtained.nc``.
     """
     __tracebackhide__ = True
+    run_class = class_of(obtained.attrs)
+    variant = variant_file(path, run_class)
+    force_regen = bool(config.getoption("force_regen", False))
+    regen_all = bool(config.getoption("regen_all", False))
     obtained_path = obtained_file(path)
-
-    def check_fn(obtained_file_: Path, expected_file: Path) -> None:
-        try:
-            expected = store.read_dataset(expected_file)
-        except HarnessError as err:
-            raise AssertionError(
-                f"baseline {path} cannot be read: {err}\nregenerate it from this run: {regen_command} --force-regen"
-            ) from None
-        lines = compare(expected, store.read_dataset(obtained_file_), tolerances)
-        if lines:
-            raise AssertionError("\n".join(
-                [f"baseline {path} differs from this run", *lines,
-                 f"obtained data written to {obtained_path}",
-                 f"if the change is intended, regenerate: {regen_command} --force-regen"]
-            ))
-
-    # perform_regression_check reads only .config and .node.{cls,name} from the request.
-    request = SimpleNamespace(config=config, node=SimpleNamespace(cls=None, name=item_name))
-    try:
-        perform_regression_check(
-            datadir=path.parent,
-            original_datadir=path.parent,
-            request=request,
-            check_fn=check_fn,
-            dump_fn=lambda target: store.write_dataset(obtained, target),
-            extension=".nc",
-            fullpath=path,
-            obtained_filename=obtained_path,
-        )
-    except pytest.fail.Exception:
-        obtained_path.unlink(missing_ok=True)  # the baseline itself was (re)written from this run
-        raise
     obtained_path.unlink(missing_ok=True)
 
+    if not variant.is_file() and not path.is_file():
+        store.write_dataset(obtained, path)
+        if regen_all:
+            return BaselineOutcome(path, tolerance_text(tolerances), "rewritten", f"created (environment {run_class})")
+        pytest.fail(f"baseline {path} did not exist: created from this run (environment {run_class})", pytrace=False)
 
-def obtained_file(path: Path) -> Path:
-    return path.with_name(path.stem + ".obtained" + path.suffix)
+    if variant.is_file():
+        target, expected, tol, kind = variant, _read(variant, regen_command), tolerances, f"{run_class} tolerance"
+    else:
+        target, expected = path, _read(path, regen_command)
+        base_class = class_of(expected.attrs)
+        if base_class == run_class:
+            tol, kind = tolerances, f"{run_class} tolerance"
+        elif cross_env:
+            tol, kind = cross_env, f"cross-environment tolerance ({base_class} baseline, {run_class} run)"
+        else:
+            tol, kind = None, ""
+    own_file = target if target == variant or tol is tolerances else variant  # what regeneration writes
+
+    if tol is None:  # another class, no variant, no declared cross-environment tolerance
+        if force_regen or regen_all:
+            store.write_dataset(obtained, variant)
+            reason = f"no {run_class} baseline yet (only {path.name}, made in {class_of(expected.attrs)})"
+            if regen_all:
+                return BaselineOutcome(variant, tolerance_text(tolerances), "rewritten", reason)
+            pytest.fail(f"baseline variant {variant} written for {run_class}: {reason}", pytrace=False)
+        raise AssertionError(_no_baseline_for_class(expected, obtained, path, variant, run_class, tolerances,
+                                                    regen_command, spec_location))
+
+    lines = compare(expected, obtained, tol)
+    if regen_all:
+        changed = provenance_differences(expected, obtained, ("environment_class", *RELEVANT_PROVENANCE))
+        if not lines and not changed and own_file == target:
+            return BaselineOutcome(target, tolerance_text(tol), "kept", f"values within {tolerance_text(tol)}, same provenance")
+        store.write_dataset(obtained, own_file)
+        reason = _rewrite_reason(lines, changed, own_file, target)
+        return BaselineOutcome(own_file, tolerance_text(tolerances), "rewritten", reason)
+    if not lines:
+        return BaselineOutcome(target, f"{tolerance_text(tol)} ({kind})", "compared")
+    if force_regen:
+        store.write_dataset(obtained, own_file)
+        pytest.fail(f"baseline {own_file} rewritten from this run ({run_class}); it differed from {target}:\n"
+                    + "\n".join(lines), pytrace=False)
+    store.write_dataset(obtained, obtained_path)
+    raise AssertionError("\n".join(
+        [f"baseline {target} differs from this run beyond the {kind}: {tolerance_text(tol)}", *lines,
+         f"obtained data written to {obtained_path}",
+         f"if the change is intended, regenerate: {regen_command} --force-regen (writes {own_file})"]
+    ))
+
+
+def _rewrite_reason(lines: list[str], changed: list[str], own_file: Path, target: Path) -> str:
+    if own_file != target:
+        return f"first baseline for this environment class (compared so far with {target.name})"
+    if changed:
+        return "provenance changed: " + "; ".join(line.strip() for line in changed)
+    first = next((line for line in lines if "cells differ" in line or "coordinate" in line), lines[0])
+    return "values changed: " + first.strip()
+
+
+def _no_baseline_for_class(expected: xr.Dataset, obtained: xr.Dataset, path: Path, variant: Path, run_class: str,
+                           tolerances: Mapping[str, Tolerance], regen_command: str, spec_location: str) -> str:
+    base_class = class_of(expected.attrs)
+    drift = compare(expected, obtained, tolerances)
+    return "\n".join([
+        f"baseline {path} was made in environment {base_class}; this run is {run_class}, and there is neither a "
+        f"{run_class} variant ({variant}) nor a cross-environment tolerance in the spec. Add either:",
+        f"  - a variant for {run_class}: {regen_command} --force-regen (writes {variant}; review and commit it)",
+        f"  - a cross-environment tolerance at {spec_location}, chosen from the measured drift in docs/numerics.md, e.g.",
+        "      baseline: {cross_env: {logits: {atol: 1e-3, rtol: 1e-3}, mass: {atol: 5e-4, rtol: 1e-3}}}",
+        f"for information, against the {base_class} baseline with the {run_class} tolerance ({tolerance_text(tolerances)}):",
+        *(f"  {line}" for line in drift), *([] if drift else ["  within it"]),
+    ])
+
+
+class RegenSummary:
+    """Counts the ``--regen-all`` actions of baseline items (from reports, so it works with xdist)."""
+
+    def __init__(self) -> None:
+        self.actions: list[tuple[str, str, str]] = []  # (action, file, reason)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        for key, value in report.user_properties:
+            if key == REGEN_PROPERTY:
+                self.actions.append(tuple(value))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.actions:
+            return
+        rewritten = [a for a in self.actions if a[0] == "rewritten"]
+        kept = len(self.actions) - len(rewritten)
+        terminalreporter.write_sep("-", "attn-harness --regen-all")
+        terminalreporter.write_line(
+            f"rewrote {len(rewritten)} of {len(self.actions)} baselines; kept {kept} (values within tolerance, same provenance)"
+        )
+        for _, file, reason in sorted(rewritten):
+            terminalreporter.write_line(f"  rewrote {file}: {reason}")

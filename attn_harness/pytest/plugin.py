@@ -97,6 +97,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = state
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_Collector(state), "attn-harness-results")
+        config.pluginmanager.register(baseline_mod.RegenSummary(), "attn-harness-regen-summary")
 
 
 def _is_spec_file(file_path: Path, root: Path) -> bool:
@@ -294,9 +295,10 @@ class BaselineItem(_SpecItem):
         obtained = baseline_mod.layer_slice(self.dataset(), self.layer)
         self.outcome["status"] = "fail"
         try:
-            baseline_mod.check_baseline(
+            done = baseline_mod.check_baseline(
                 obtained, path, self.spec.baseline.tolerances, config=self.config, item_name=self.name,
-                regen_command=f"pytest '{self.nodeid}'",
+                regen_command=f"pytest '{self.nodeid}'", cross_env=self.spec.baseline.cross_env,
+                spec_location=f"{self.spec.file}:{self.spec.baseline.line}",
             )
         except AssertionError as err:
             self.outcome["message"] = str(err)
@@ -304,7 +306,9 @@ class BaselineItem(_SpecItem):
         except pytest.fail.Exception as err:  # written from this run (missing, or --force-regen)
             self.outcome["message"] = f"{err.msg}\nreview it and commit it; the next run compares against it"
             raise CheckFailed(self.outcome["message"]) from None
-        self.outcome["status"] = "pass"
+        self.outcome.update(status="pass", message=done.text(), expected=done.tolerance)
+        if done.action != "compared":
+            self.user_properties.append((baseline_mod.REGEN_PROPERTY, (done.action, _relative(done.file, self.config.rootpath), done.reason)))
 
     def reportinfo(self):
         return self.path, self.spec.baseline.line - 1, f"{self.spec.name}::layer{self.layer}::baseline"

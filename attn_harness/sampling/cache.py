@@ -47,9 +47,11 @@ class ExtractionCache:
         """The cached extraction of ``model`` under ``probe``, extracting (once) if absent."""
         from attn_harness.sampling.extract import extract, resolve_device  # torch: only when data is needed
         from attn_harness.model.models import file_sha256, model_fingerprint
+        from attn_harness.model.numerics import environment_attrs
 
-        device = str(resolve_device(probe.device))
-        inputs = {}
+        resolved = resolve_device(probe.device)
+        device = str(resolved)
+        inputs = {"environment": json.dumps(environment_attrs(resolved), sort_keys=True)}  # ISA, threads, versions
         if base_model:
             inputs["base_model"] = model_fingerprint(base_model)
         if probe.prompt_embeds:

@@ -9,6 +9,7 @@ the conditional branch by default.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -25,17 +26,20 @@ from attn_harness.model.capture import Recorder, capture
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.metrics import default_query_frames
 from attn_harness.model.models import LoadedModel, load_model
+from attn_harness.model.numerics import numerics_policy
 from attn_harness.core.probe import Probe
 from attn_harness.model.prompts import Conditioning, resolve_conditioning
 from attn_harness.core.schema import METRICS, SCHEMA_VERSION, build_dataset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_ENV = "ATTN_DEVICE"
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; an explicit CUDA device without CUDA is an error."""
+    """``auto`` is ``$ATTN_DEVICE`` if set (the test suite pins ``cpu``), else CUDA when present;
+    an explicit CUDA device without CUDA is an error."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
@@ -169,8 +173,17 @@ def extract(
     """Run the sampler on ``model`` with capture as ``probe`` says and return the Dataset.
 
     ``base_model`` (a model dir) gives a training checkpoint file its architecture and text encoder.
+    The run is under the dtype's numerics policy, recorded in the attrs (``attn_harness.model.numerics``).
     """
     device = resolve_device(probe.device)
+    with numerics_policy(probe.dtype, device) as applied:
+        ds = _extract(model, probe, device, progress=progress, base_model=base_model)
+    ds.attrs.update(applied.attrs())
+    return ds
+
+
+def _extract(model: str | LoadedModel, probe: Probe, device: torch.device, *, progress: bool | None,
+             base_model: str | None) -> xr.Dataset:
     dtype = DTYPES[probe.dtype]
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, base_model=base_model)
     if probe.mode == "rollout":
