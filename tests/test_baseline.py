@@ -87,9 +87,9 @@ def test_check_baseline_writes_a_missing_baseline_and_fails(tmp_path, pytestconf
     path = tmp_path / "spec" / "layer3.nc"
     ds = layer_slice(make_ds(), 3)
     with pytest.raises(pytest.fail.Exception, match="created"):
-        check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, item_name="baseline", regen_command="pytest x")
+        check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, regen_command="pytest x")
     assert path.is_file() and not obtained_file(path).exists()
-    check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, item_name="baseline", regen_command="pytest x")
+    check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, regen_command="pytest x")
     assert not obtained_file(path).exists()
 
 
@@ -100,7 +100,7 @@ def test_check_baseline_failure_leaves_obtained_file_and_says_how_to_regenerate(
     changed = ds.copy(deep=True)
     changed["logits"][dict(step=0, layer=0, head=1, query_frame=2, key_frame=2)] += 1.0
     with pytest.raises(AssertionError) as info:
-        check_baseline(changed, path, DEFAULT_TOLERANCES, config=pytestconfig, item_name="baseline",
+        check_baseline(changed, path, DEFAULT_TOLERANCES, config=pytestconfig,
                        regen_command="pytest 'specs/x.yaml::s::layer3::baseline'")
     message = str(info.value)
     assert "step=0 layer=3 head=1 query_frame=2 key_frame=2" in message
@@ -113,7 +113,7 @@ def test_a_corrupt_baseline_fails_naming_the_file_and_how_to_regenerate(tmp_path
     path = tmp_path / "layer3.nc"
     path.write_text("not netcdf")
     with pytest.raises(AssertionError) as info:
-        check_baseline(layer_slice(make_ds(), 3), path, DEFAULT_TOLERANCES, config=pytestconfig, item_name="baseline",
+        check_baseline(layer_slice(make_ds(), 3), path, DEFAULT_TOLERANCES, config=pytestconfig,
                        regen_command="pytest 'specs/x.yaml::s::layer3::baseline'")
     message = str(info.value)
     assert message.startswith(f"baseline {path} cannot be read:") and "not a NetCDF4/HDF5 file" in message

@@ -12,6 +12,7 @@ from attn_harness.sampling.extract import extract
 
 CPU = torch.device("cpu")
 QUICK = Probe(sample_steps=2, capture_steps=("first",), layers=(0,), device="cpu")
+pytestmark = pytest.mark.numerics
 
 
 @pytest.fixture

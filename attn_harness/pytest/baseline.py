@@ -146,13 +146,17 @@ class BaselineOutcome:
         return f"{self.action} {self.file}: {self.reason}"
 
 
-def _read(path: Path, regen_command: str) -> xr.Dataset:
+class _Unreadable(Exception):
+    def __init__(self, path: Path, error: HarnessError) -> None:
+        super().__init__(f"baseline {path} cannot be read: {error}")
+        self.path = path
+
+
+def _read(path: Path) -> xr.Dataset:
     try:
         return store.read_dataset(path)
     except HarnessError as err:
-        raise AssertionError(
-            f"baseline {path} cannot be read: {err}\nregenerate it from this run: {regen_command} --force-regen"
-        ) from None
+        raise _Unreadable(path, err) from None
 
 
 def check_baseline(
@@ -161,7 +165,6 @@ def check_baseline(
     tolerances: Mapping[str, Tolerance],
     *,
     config: pytest.Config,
-    item_name: str = "baseline",
     regen_command: str,
     cross_env: Mapping[str, Tolerance] | None = None,
     spec_location: str = "the spec",
@@ -177,8 +180,7 @@ def check_baseline(
     variant = variant_file(path, run_class)
     force_regen = bool(config.getoption("force_regen", False))
     regen_all = bool(config.getoption("regen_all", False))
-    obtained_path = obtained_file(path)
-    obtained_path.unlink(missing_ok=True)
+    obtained_file(path).unlink(missing_ok=True)
 
     if not variant.is_file() and not path.is_file():
         store.write_dataset(obtained, path)
@@ -186,10 +188,27 @@ def check_baseline(
             return BaselineOutcome(path, tolerance_text(tolerances), "rewritten", f"created (environment {run_class})")
         pytest.fail(f"baseline {path} did not exist: created from this run (environment {run_class})", pytrace=False)
 
+    try:
+        return _check_existing(obtained, path, variant, run_class, tolerances, cross_env, force_regen, regen_all,
+                               regen_command, spec_location)
+    except _Unreadable as err:
+        if not (force_regen or regen_all):
+            raise AssertionError(f"{err}\nregenerate it from this run: {regen_command} --force-regen") from None
+        store.write_dataset(obtained, err.path)
+        if regen_all:
+            return BaselineOutcome(err.path, tolerance_text(tolerances), "rewritten", "the old file could not be read")
+        pytest.fail(f"{err}: rewritten from this run ({run_class})", pytrace=False)
+
+
+def _check_existing(obtained: xr.Dataset, path: Path, variant: Path, run_class: str, tolerances: Mapping[str, Tolerance],
+                    cross_env: Mapping[str, Tolerance] | None, force_regen: bool, regen_all: bool, regen_command: str,
+                    spec_location: str) -> BaselineOutcome:
+    __tracebackhide__ = True
+    obtained_path = obtained_file(path)
     if variant.is_file():
-        target, expected, tol, kind = variant, _read(variant, regen_command), tolerances, f"{run_class} tolerance"
+        target, expected, tol, kind = variant, _read(variant), tolerances, f"{run_class} tolerance"
     else:
-        target, expected = path, _read(path, regen_command)
+        target, expected = path, _read(path)
         base_class = class_of(expected.attrs)
         if base_class == run_class:
             tol, kind = tolerances, f"{run_class} tolerance"

@@ -296,7 +296,7 @@ class BaselineItem(_SpecItem):
         self.outcome["status"] = "fail"
         try:
             done = baseline_mod.check_baseline(
-                obtained, path, self.spec.baseline.tolerances, config=self.config, item_name=self.name,
+                obtained, path, self.spec.baseline.tolerances, config=self.config,
                 regen_command=f"pytest '{self.nodeid}'", cross_env=self.spec.baseline.cross_env,
                 spec_location=f"{self.spec.file}:{self.spec.baseline.line}",
             )
@@ -306,7 +306,7 @@ class BaselineItem(_SpecItem):
         except pytest.fail.Exception as err:  # written from this run (missing, or --force-regen)
             self.outcome["message"] = f"{err.msg}\nreview it and commit it; the next run compares against it"
             raise CheckFailed(self.outcome["message"]) from None
-        self.outcome.update(status="pass", message=done.text(), expected=done.tolerance)
+        self.outcome.update(status="pass", message=done.text(), expected=done.tolerance, baseline_file=done.file)
         if done.action != "compared":
             self.user_properties.append((baseline_mod.REGEN_PROPERTY, (done.action, _relative(done.file, self.config.rootpath), done.reason)))
 
@@ -317,7 +317,8 @@ class BaselineItem(_SpecItem):
         path = self.baseline_path()
         obtained = baseline_mod.obtained_file(path)
         return {**super().base_record(), "line": self.spec.baseline.line, "property": "baseline",
-                "severity": "fail", "metric": "logits", "baseline": _relative(path, self.config.rootpath),
+                "severity": "fail", "metric": "logits",
+                "baseline": _relative(self.outcome.get("baseline_file", path), self.config.rootpath),
                 "obtained": _relative(obtained, self.config.rootpath) if obtained.is_file() else None,
                 "regen_command": f"pytest '{self.nodeid}' --force-regen"}
 
