@@ -114,7 +114,7 @@ def test_perturbed_baseline_fails_with_named_diff_and_regen_flags(project, pytes
     result.stdout.fnmatch_lines([
         "*logits: 1 of 324 cells differ (0.31%) beyond atol=0.0001 rtol=0.0001",
         "*max abs diff 0.25 at step=0 layer=3 head=2 query_frame=4 key_frame=1*",
-        "*pytest 'specs/mini.yaml::mini::layer3::baseline' --force-regen",
+        "*pytest 'specs/mini.yaml::mini::layer3::baseline' --force-regen (writes */baselines/mini/layer3.nc)",
     ])
     assert (baseline.parent / "layer3.obtained.nc").is_file()
 

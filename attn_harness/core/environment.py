@@ -7,7 +7,15 @@ anything else (a CUDA float32 run differs from a CPU one by ~1e-4 in logits, a b
 
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Mapping
+
+# Environment variables that change which kernels run (recorded when set, part of the cache key).
+NUMERICS_ENV: tuple[str, ...] = (
+    "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+)
 
 
 def environment_class(device: str, dtype: str) -> str:
@@ -24,3 +32,20 @@ def class_of(attrs: Mapping) -> str:
     if recorded:
         return str(recorded)
     return environment_class(str(attrs.get("device", "unknown")), str(attrs.get("dtype", "unknown")))
+
+
+def numerics_env() -> str:
+    """``KEY=value`` of the kernel-selecting environment variables that are set, space separated."""
+    return " ".join(f"{key}={os.environ[key]}" for key in NUMERICS_ENV if key in os.environ)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

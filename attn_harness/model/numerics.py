@@ -12,7 +12,6 @@ ran. Measured drift and the tolerances chosen from it: ``docs/numerics.md``.
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,15 +23,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 
-from attn_harness.core.environment import environment_class
+from attn_harness.core.environment import cpu_name, environment_class, numerics_env
 
 # torch.backends.<name>.fp32_precision settings (PyTorch >= 2.9) that a strict policy pins.
 PRECISION_KNOBS: tuple[str, ...] = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
-# Environment variables that change which kernels run (recorded when set).
-NUMERICS_ENV: tuple[str, ...] = (
-    "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
-)
 CUBLAS_DETERMINISTIC = ":4096:8"  # the workspace setting cuBLAS needs for reproducible results
 
 
@@ -122,19 +116,7 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def numerics_env() -> str:
-    """``KEY=value`` of the kernel-selecting environment variables that are set, space separated."""
-    return " ".join(f"{key}={os.environ[key]}" for key in NUMERICS_ENV if key in os.environ)
+    return cpu_name()
 
 
 def environment_attrs(device: torch.device) -> dict[str, str | int]:

@@ -21,6 +21,7 @@ from filelock import FileLock
 
 import attn_harness
 from attn_harness.core import store
+from attn_harness.core.environment import cpu_name, numerics_env
 from attn_harness.core.probe import Probe
 
 DEFAULT_DIR = ".attn-cache"
@@ -47,11 +48,9 @@ class ExtractionCache:
         """The cached extraction of ``model`` under ``probe``, extracting (once) if absent."""
         from attn_harness.sampling.extract import extract, resolve_device  # torch: only when data is needed
         from attn_harness.model.models import file_sha256, model_fingerprint
-        from attn_harness.model.numerics import environment_attrs
 
-        resolved = resolve_device(probe.device)
-        device = str(resolved)
-        inputs = {"environment": json.dumps(environment_attrs(resolved), sort_keys=True)}  # ISA, threads, versions
+        device = str(resolve_device(probe.device))
+        inputs = {"cpu": cpu_name(), "numerics_env": numerics_env()}  # forced ISA or threads: other kernels
         if base_model:
             inputs["base_model"] = model_fingerprint(base_model)
         if probe.prompt_embeds:
