@@ -67,7 +67,7 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
         log(f"[scaling] logits alone on {profile.logits_frames} frames of {profile.scaling_tokens_per_frame} tokens")
         records += scaling.run_logits_wide(list(profile.logits_frames), profile.scaling_tokens_per_frame, reps=profile.reps, warmup=profile.warmup, env=env)
     if "e2e" in sections and profile.e2e_reps:
-        log(f"[e2e] pytest {specs} cold vs warm cache")
+        log(f"[e2e] pytest {specs}: cold cache, warm cache, warm with report, collect-only")
         records += e2e.run(specs, reps=profile.e2e_reps, env=env)
     return records
 
@@ -99,6 +99,8 @@ def table(records: list[dict]) -> str:
             lines.append(f"{rec['name']:58} {_fmt_bytes(rec['median_bytes']):>12} {'-':>7} {ratio}  {note}")
         else:
             note = f"paired {rec['paired_ratio']:.3f}, min {rec['min_s']:.4f}s, max {rec['max_s']:.4f}s, n={rec['reps']}"
+            if "cpu_median_s" in rec:
+                note += f", cpu {rec['cpu_median_s']:.2f}s"
             lines.append(f"{rec['name']:58} {rec['median_s']:11.4f}s {rec['spread']:7.3f} {rec['ratio']:8.3f}  {note}")
     return "\n".join(lines)
 

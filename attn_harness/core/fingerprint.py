@@ -1,9 +1,24 @@
-"""Content fingerprints of files: the sha256 that attrs and cache keys record."""
+"""Content fingerprints of files: the sha256 that attrs and cache keys record.
+
+Hashing a multi-gigabyte checkpoint takes seconds to minutes, so each digest is remembered
+in ``fingerprints.json`` under ``cache_dir()`` by (resolved path, size, mtime). Torch-free:
+a warm ``pytest specs/`` computes its cache keys from this file alone.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
+
+from filelock import FileLock
+
+from attn_harness.core.atomic import write_atomic
+
+CACHE_ENV = "ATTN_HARNESS_CACHE"
+FINGERPRINTS_FILE = "fingerprints.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -13,3 +28,51 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """``$ATTN_HARNESS_CACHE``, else ``~/.cache/attn-harness``: fingerprints and prompt embeddings."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "attn-harness").expanduser()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, computed once per (resolved path, size, mtime) and cached on disk.
+
+    The cache is ``fingerprints.json`` in ``cache_dir()``, updated under a file lock and
+    replaced atomically, so parallel test workers neither lose entries nor see half a file.
+    """
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
+    store = cache_dir() / FINGERPRINTS_FILE
+    known = _read_fingerprints(store)
+    if key in known:
+        return known[key]
+    digest = sha256_file(resolved)
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(store) + ".lock"):
+            known = _read_fingerprints(store)
+            known[key] = digest
+            write_atomic(store, json.dumps(known, indent=0, sort_keys=True).encode())
+    except OSError:
+        pass  # a read-only cache only costs rehashing next time
+    return digest
+
+
+def _read_fingerprints(store: Path) -> dict[str, str]:
+    try:
+        data = json.loads(store.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def files_fingerprint(paths: Sequence[Path]) -> str:
+    """One file: its sha256 (what ``sha256sum`` prints). Several: sha256 of the ``sha256sum``
+    listing ``"<sha256>  <name>\\n"`` in name order, i.e. ``sha256sum $(ls FILES) | sha256sum``."""
+    paths = sorted(paths, key=lambda p: p.name)
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    listing = "".join(f"{file_sha256(p)}  {p.name}\n" for p in paths)
+    return hashlib.sha256(listing.encode()).hexdigest()

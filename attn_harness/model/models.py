@@ -13,9 +13,7 @@ modulation tables, norms) stay float32 whatever ``dtype`` says, as ``from_pretra
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -24,12 +22,18 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import WanTransformer3DModel
-from filelock import FileLock
 
 from attn_harness.model import layouts
-from attn_harness.core.atomic import write_atomic
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.fingerprint import sha256_file
+from attn_harness.core import catalog
+from attn_harness.core.catalog import FIXTURE_FOLDERS, FIXTURES, TINY_CONFIG, TINY_SEED, TINY_TEXT_TOKENS
+from attn_harness.core.fingerprint import (  # noqa: F401  (re-exported: the model layer's callers)
+    CACHE_ENV,
+    FINGERPRINTS_FILE,
+    cache_dir,
+    file_sha256,
+    files_fingerprint,
+)
 from attn_harness.model.prompts import (
     ORIGINAL_T5_GLOB,
     ORIGINAL_TOKENIZER,
@@ -41,32 +45,11 @@ from attn_harness.model.prompts import (
     find_text_encoder,
 )
 
-# The embedded tiny model: Wan's architecture (patch (1,2,2), q/k RMSNorm across heads, 3-D
-# RoPE, cross-attention to text) at a size that extracts in seconds on a laptop CPU.
-TINY_CONFIG: dict = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 4,
-    "attention_head_dim": 32,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 64,
-    "freq_dim": 64,
-    "ffn_dim": 256,
-    "num_layers": 4,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
-TINY_TEXT_TOKENS = 16
-TINY_SEED = 0
 # Widths -> heads for reading an architecture from tensor shapes: Wan2.1 plus the embedded models.
 KNOWN_HEADS = {
     **layouts.KNOWN_HEADS,
     TINY_CONFIG["num_attention_heads"] * TINY_CONFIG["attention_head_dim"]: TINY_CONFIG["num_attention_heads"],
 }
-CACHE_ENV = "ATTN_HARNESS_CACHE"
-FINGERPRINTS_FILE = "fingerprints.json"
 
 
 @dataclass(frozen=True)
@@ -127,54 +110,6 @@ def state_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_dir() -> Path:
-    """``$ATTN_HARNESS_CACHE``, else ``~/.cache/attn-harness``: fingerprints and prompt embeddings."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "attn-harness").expanduser()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, computed once per (resolved path, size, mtime) and cached on disk.
-
-    The cache is ``fingerprints.json`` in ``cache_dir()``, updated under a file lock and
-    replaced atomically, so parallel test workers neither lose entries nor see half a file.
-    """
-    resolved = path.resolve()
-    stat = resolved.stat()
-    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
-    store = cache_dir() / FINGERPRINTS_FILE
-    known = _read_fingerprints(store)
-    if key in known:
-        return known[key]
-    digest = sha256_file(resolved)
-    try:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(store) + ".lock"):
-            known = _read_fingerprints(store)
-            known[key] = digest
-            write_atomic(store, json.dumps(known, indent=0, sort_keys=True).encode())
-    except OSError:
-        pass  # a read-only cache only costs rehashing next time
-    return digest
-
-
-def _read_fingerprints(store: Path) -> dict[str, str]:
-    try:
-        data = json.loads(store.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def files_fingerprint(paths: tuple[Path, ...] | list[Path]) -> str:
-    """One file: its sha256 (what ``sha256sum`` prints). Several: sha256 of the ``sha256sum``
-    listing ``"<sha256>  <name>\\n"`` in name order, i.e. ``sha256sum $(ls FILES) | sha256sum``."""
-    paths = sorted(paths, key=lambda p: p.name)
-    if len(paths) == 1:
-        return file_sha256(paths[0])
-    listing = "".join(f"{file_sha256(p)}  {p.name}\n" for p in paths)
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
 def build_tiny_random() -> WanTransformer3DModel:
     """The embedded random-weight model: diffusers' own initialisation under a fixed seed."""
     with torch.random.fork_rng(devices=[]):
@@ -195,9 +130,6 @@ def _load_tiny_random() -> LoadedModel:
         encode_prompt=encoder,
         prompt_encoder=encoder.description,
     )
-
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _load_fixture(name: str, folder: str) -> LoadedModel:
@@ -223,8 +155,7 @@ def _load_fixture(name: str, folder: str) -> LoadedModel:
 
 EMBEDDED: dict[str, Callable[[], LoadedModel]] = {
     "tiny-random": _load_tiny_random,
-    "tiny-trained": partial(_load_fixture, "tiny-trained", "tiny_trained"),
-    "tiny-trained-causal": partial(_load_fixture, "tiny-trained-causal", "tiny_trained_causal"),
+    **{name: partial(_load_fixture, name, folder) for name, folder in FIXTURE_FOLDERS.items()},
 }
 
 
@@ -424,14 +355,10 @@ def num_layers(source: str | Path) -> int:
 
     A training checkpoint file has no config: its block count is read from its weight names.
     """
-    if str(source) in EMBEDDED:
-        return int(EMBEDDED[str(source)]().config["num_layers"])
+    known = catalog.num_layers(source)
+    if known is not None:
+        return known
     layout = layouts.detect_layout(source)
-    if layout.config_dir is not None:
-        value = layouts.read_json(layout.config_dir / "config.json").get("num_layers")
-        if isinstance(value, int):
-            return value
-        raise HarnessError(f"{layout.config_dir / 'config.json'}: no integer num_layers")
     raw, _ = layouts.select_generator(layouts.load_checkpoint_file(layout.path), layout.path)
     blocks = {int(match[1]) for key in raw if (match := re.search(r"(?:^|\.)blocks\.(\d+)\.", key))}
     if not blocks:

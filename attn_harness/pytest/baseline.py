@@ -200,22 +200,44 @@ def check_baseline(
         pytest.fail(f"{err}: rewritten from this run ({run_class})", pytrace=False)
 
 
+def _select(path: Path, variant: Path, run_class: str, tolerances: Mapping[str, Tolerance],
+            cross_env: Mapping[str, Tolerance] | None) -> tuple[Path, xr.Dataset, Mapping[str, Tolerance] | None, str]:
+    """The file a run of ``run_class`` is judged against, its data, the tolerance and its name
+    (tolerance None: another class and nothing declared for it)."""
+    if variant.is_file():
+        return variant, _read(variant), tolerances, f"{run_class} tolerance"
+    expected = _read(path)
+    base_class = class_of(expected.attrs)
+    if base_class == run_class:
+        return path, expected, tolerances, f"{run_class} tolerance"
+    if cross_env:
+        return path, expected, cross_env, f"cross-environment tolerance ({base_class} baseline, {run_class} run)"
+    return path, expected, None, ""
+
+
+def matches_baseline(obtained: xr.Dataset, path: Path, tolerances: Mapping[str, Tolerance], *,
+                     config: pytest.Config, cross_env: Mapping[str, Tolerance] | None = None) -> bool:
+    """Whether ``check_baseline`` would pass without writing anything (no regeneration asked,
+    a readable baseline for the run's class or a declared cross-environment tolerance, values within)."""
+    if config.getoption("force_regen", False) or config.getoption("regen_all", False):
+        return False
+    run_class = class_of(obtained.attrs)
+    variant = variant_file(path, run_class)
+    if not (variant.is_file() or path.is_file()):
+        return False
+    try:
+        _, expected, tol, _ = _select(path, variant, run_class, tolerances, cross_env)
+    except _Unreadable:
+        return False
+    return tol is not None and not compare(expected, obtained, tol)
+
+
 def _check_existing(obtained: xr.Dataset, path: Path, variant: Path, run_class: str, tolerances: Mapping[str, Tolerance],
                     cross_env: Mapping[str, Tolerance] | None, force_regen: bool, regen_all: bool, regen_command: str,
                     spec_location: str) -> BaselineOutcome:
     __tracebackhide__ = True
     obtained_path = obtained_file(path)
-    if variant.is_file():
-        target, expected, tol, kind = variant, _read(variant), tolerances, f"{run_class} tolerance"
-    else:
-        target, expected = path, _read(path)
-        base_class = class_of(expected.attrs)
-        if base_class == run_class:
-            tol, kind = tolerances, f"{run_class} tolerance"
-        elif cross_env:
-            tol, kind = cross_env, f"cross-environment tolerance ({base_class} baseline, {run_class} run)"
-        else:
-            tol, kind = None, ""
+    target, expected, tol, kind = _select(path, variant, run_class, tolerances, cross_env)
     own_file = target if target == variant or tol is tolerances else variant  # what regeneration writes
 
     if tol is None:  # another class, no variant, no declared cross-environment tolerance

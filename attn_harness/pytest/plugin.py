@@ -23,7 +23,7 @@ import pytest
 
 import attn_harness
 from attn_harness.pytest import baseline as baseline_mod
-from attn_harness.core import checks
+from attn_harness.core import catalog, checks
 from attn_harness.core.atomic import write_atomic
 from attn_harness.sampling.cache import DEFAULT_DIR, ExtractionCache
 from attn_harness.core.errors import HarnessError
@@ -130,13 +130,20 @@ class SpecFile(pytest.File):
 
 
 def _num_layers(source: str) -> int:
-    """How many transformer blocks the model has (to expand ``all``), without running it."""
+    """How many transformer blocks the model has (to expand ``all``), from its config without
+    torch; only a training checkpoint file (no config) is opened with torch."""
+    known = catalog.num_layers(source)
+    if known is not None:
+        return known
     from attn_harness.model.models import num_layers
 
     return num_layers(source)
 
 
 def _cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch when its build has no CUDA."""
+    if catalog.cuda_ruled_out():
+        return False
     import torch
 
     return torch.cuda.is_available()
@@ -196,9 +203,7 @@ class SpecNode(pytest.Collector):
 
 
 def _embedded_names() -> tuple[str, ...]:
-    from attn_harness.model import models
-
-    return tuple(models.EMBEDDED)
+    return catalog.EMBEDDED_NAMES
 
 
 class LayerNode(pytest.Collector):

@@ -1,7 +1,10 @@
 """On-disk cache of extractions, shared safely by concurrent pytest workers.
 
-Key: sha256 of the model's content fingerprint, the probe, the resolved device and the
-harness version, so a changed checkpoint, probe or harness never reuses stale data. A file
+Key: sha256 of the model's identity (the content fingerprint of its weight files; for a model
+built in process, its config, seed and library versions), the probe, the resolved device and
+the harness version, so a changed checkpoint, probe or harness never reuses stale data. The
+key is computed without torch (file fingerprints are remembered on disk by path, size and
+mtime), so a warm run imports torch and diffusers only when an extraction has to run. A file
 lock per key makes concurrent workers (``pytest -n 2``) extract once: the first takes the
 lock and extracts, the others wait and read the file. Every extraction appends one line to
 ``extractions.log`` in the cache directory (what the tests count).
@@ -20,8 +23,9 @@ import xarray as xr
 from filelock import FileLock
 
 import attn_harness
-from attn_harness.core import store
+from attn_harness.core import catalog, store
 from attn_harness.core.environment import cpu_name, numerics_env
+from attn_harness.core.fingerprint import file_sha256
 from attn_harness.core.probe import Probe
 
 DEFAULT_DIR = ".attn-cache"
@@ -35,6 +39,16 @@ def cache_key(fingerprint: str, probe: Probe, device: str, version: str = attn_h
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def resolved_device(device: str) -> str:
+    """The device an extraction under ``device`` runs on, as the key names it. ``auto`` is
+    ``cpu`` without importing torch when the torch build has no CUDA; otherwise torch decides."""
+    if device == "cpu" or (device == "auto" and catalog.cuda_ruled_out()):
+        return "cpu"
+    from attn_harness.sampling.extract import resolve_device
+
+    return str(resolve_device(device))
+
+
 class ExtractionCache:
     """Extractions stored as ``<key>.nc`` under ``directory``."""
 
@@ -44,22 +58,26 @@ class ExtractionCache:
     def path_for(self, key: str) -> Path:
         return self.directory / f"{key}.nc"
 
-    def load_or_extract(self, model: str, probe: Probe, *, base_model: str | None = None) -> tuple[xr.Dataset, Path]:
-        """The cached extraction of ``model`` under ``probe``, extracting (once) if absent."""
-        from attn_harness.sampling.extract import extract, resolve_device  # torch: only when data is needed
-        from attn_harness.model.models import file_sha256, model_fingerprint
-
-        device = str(resolve_device(probe.device))
-        inputs = {"cpu": cpu_name(), "numerics_env": numerics_env()}  # forced ISA or threads: other kernels
+    def key_for(self, model: str, probe: Probe, *, base_model: str | None = None) -> str:
+        """The cache key of ``model`` under ``probe``: from file fingerprints (cached on disk) and
+        static facts, so a warm lookup imports neither torch nor diffusers. The CPU and the
+        kernel-selecting environment variables are in it: a forced ISA runs other kernels."""
+        inputs = {"cpu": cpu_name(), "numerics_env": numerics_env()}
         if base_model:
-            inputs["base_model"] = model_fingerprint(base_model)
+            inputs["base_model"] = catalog.source_identity(base_model)
         if probe.prompt_embeds:
             inputs["prompt_embeds"] = file_sha256(Path(probe.prompt_embeds))
-        key = cache_key(model_fingerprint(model), probe, device, inputs=inputs)
+        return cache_key(catalog.source_identity(model), probe, resolved_device(probe.device), inputs=inputs)
+
+    def load_or_extract(self, model: str, probe: Probe, *, base_model: str | None = None) -> tuple[xr.Dataset, Path]:
+        """The cached extraction of ``model`` under ``probe``, extracting (once) if absent."""
+        key = self.key_for(model, probe, base_model=base_model)
         path = self.path_for(key)
         self.directory.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if not path.is_file():
+                from attn_harness.sampling.extract import extract  # torch: only when data must be made
+
                 started = time.perf_counter()
                 store.write_dataset(extract(model, probe, progress=False, base_model=base_model), path)
                 self._log(key, model, time.perf_counter() - started)
