@@ -17,6 +17,8 @@ from attn_harness import __version__
 from attn_harness.cli_drift import add_drift
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import DTYPES, MASKS, MODES, Probe
+from attn_harness.core.schema import LEGACY_MASKS
+from attn_harness.report.settings import DEFAULT_TOP, FLIP_MARGIN, SINK_HEAD_THRESHOLD
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -49,6 +51,13 @@ def _metrics(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _timesteps(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated timestep values such as 1000,750,500,250; got {text!r}") from None
+
+
 def _query_frames(text: str) -> str | list[int]:
     return "last-block" if text == "last-block" else parse_int_list(text)
 
@@ -78,12 +87,15 @@ def _add_extract(sub) -> None:
         "--mode",
         choices=MODES,
         default=Probe().mode,
-        help="teacher-forced: whole clip per step; rollout: block by block with a KV cache (needs --mask block-causal)",
+        help="teacher-forced: whole clip per step; rollout: block by block with a KV cache (needs --mask block-causal "
+        "or sink-window)",
     )
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
     p.add_argument("--layers", default="all", type=_layers, help="blocks to capture: all, or e.g. 0-3,5")
     p.add_argument("--steps", default="first,mid,last", type=_steps, help="denoising steps to capture: first,mid,last or indices")
-    p.add_argument("--metrics", default="logits,mass", type=_metrics, help="logits, or logits,mass")
+    p.add_argument("--metrics", default="logits,mass", type=_metrics, help="logits, plus mass and/or text_mass")
+    p.add_argument("--capture-timesteps", default=(), type=_timesteps,
+                   help="capture the steps nearest these timestep values (e.g. 999,500) instead of --steps")
     p.add_argument("--frames", type=int, default=None, help="pixel frames, 1 + 4k (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="pixel height, a multiple of 16 (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="pixel width, a multiple of 16 (default: the model's)")
@@ -94,7 +106,13 @@ def _add_extract(sub) -> None:
     p.add_argument("--guidance", type=float, default=defaults.guidance, help="CFG scale (<= 1 disables the unconditional pass)")
     p.add_argument("--shift", type=float, default=defaults.shift, help="flow shift of the scheduler")
     p.add_argument("--mask", choices=MASKS, default=defaults.mask, help="self-attention mask the model runs under")
-    p.add_argument("--block-size", type=int, default=defaults.block_size, help="latent frames per block (block-causal)")
+    p.add_argument("--block-size", type=int, default=defaults.block_size, help="latent frames per block (block-causal, sink-window)")
+    p.add_argument("--sink-frames", type=int, default=defaults.sink_frames, help="sink-window: first frames every block sees")
+    p.add_argument("--window-frames", type=int, default=defaults.window_frames,
+                   help="sink-window: frames just before its block that a block sees")
+    p.add_argument("--denoising-timesteps", default=None, type=_timesteps,
+                   help="few-step sampler of distilled models, e.g. 1000,750,500,250 (replaces --sample-steps)")
+    p.add_argument("--no-warp-timesteps", action="store_true", help="use --denoising-timesteps as given, not shifted")
     p.add_argument("--branch", choices=("cond", "uncond"), default=defaults.branch, help="CFG branch to capture")
     p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="model dtype (statistics are always float32)")
     p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
@@ -126,6 +144,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
         branch=args.branch,
         prompt_embeds=args.prompt_embeds,
         mode=args.mode,
+        sink_frames=args.sink_frames,
+        window_frames=args.window_frames,
+        denoising_timesteps=args.denoising_timesteps,
+        warp_timesteps=not args.no_warp_timesteps,
+        capture_timesteps=args.capture_timesteps,
     )
     start = time.perf_counter()
     ds = extract(args.model, probe, progress=None if not args.no_progress else False, base_model=args.base_model)
@@ -144,7 +167,7 @@ def _add_import_legacy(sub) -> None:
     )
     p.add_argument("file", type=Path, help="the legacy .pt file")
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write")
-    p.add_argument("--mask", choices=("auto",) + MASKS, default="auto", help="mask of the file (default: detect)")
+    p.add_argument("--mask", choices=("auto",) + LEGACY_MASKS, default="auto", help="mask of the file (default: detect)")
     p.set_defaults(func=cmd_import_legacy)
 
 
@@ -243,9 +266,10 @@ def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="compare two extractions (e.g. two checkpoints) in one HTML page",
-        description="Per layer A and B heatmaps with B - A on a symmetric scale, per-head deltas, "
-        "a table of flips (sink sign, sink-head membership, diagonal dominance) and an overview "
-        "of mean |B - A| per layer x head.",
+        description="The provenance of both sides (a warning when the probes differ), an overview of "
+        "mean |B - A| per layer x head, the layers ranked by it, flips beyond a noise margin (sink sign, "
+        "sink-head membership, diagonal dominance), per-head deltas of every layer, and A, B and B - A "
+        "head grids for the top layers (values under the pointer, click to enlarge).",
     )
     p.add_argument("a", type=Path, help="first extraction (.nc)")
     p.add_argument("b", type=Path, help="second extraction (.nc)")
@@ -253,8 +277,33 @@ def _add_compare(sub) -> None:
     p.add_argument("--labels", default="A,B", help="two labels, comma-separated, e.g. base,distilled")
     p.add_argument("--layers", type=parse_int_list, default=None, help="layers to compare (default: all shared)")
     p.add_argument("--metric", choices=("logits", "mass"), default="logits", help="variable to compare")
-    p.add_argument("--step", default="last", help="first, mid, last or a step index for the per-layer grids")
+    p.add_argument("--step", default="last",
+                   help="first, mid, last or a step of A: the step of the ranking, flips and grids (paired by position)")
+    p.add_argument("--steps", type=_step_pair, default=None, metavar="A_STEP,B_STEP",
+                   help="compare one step of each side (first, mid, last or a captured step), e.g. last,0")
+    p.add_argument("--top", type=_top, default=DEFAULT_TOP, metavar="K|all",
+                   help=f"draw full head grids for the K layers that differ most, or all (default {DEFAULT_TOP})")
+    p.add_argument("--sink-threshold", type=float, default=None, metavar="X",
+                   help="sink score that makes a sink head (default: "
+                   + ", ".join(f"{v:g} for {k}" for k, v in SINK_HEAD_THRESHOLD.items()) + ")")
+    p.add_argument("--flip-margin", type=float, default=FLIP_MARGIN, metavar="F",
+                   help=f"a flip counts when both values are F x scale from the boundary (default {FLIP_MARGIN})")
     p.set_defaults(func=cmd_compare)
+
+
+def _step_pair(text: str) -> tuple[int | str, int | str]:
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"needs two steps like last,0 (A's step, then B's); got {text!r}")
+    return tuple(int(part) if part.isdigit() else part for part in parts)
+
+
+def _top(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"needs a positive number of layers or 'all'; got {text!r}")
+    return int(text)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -274,6 +323,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         metric=args.metric,
         step=step,
         sources=(str(args.a), str(args.b)),
+        top=args.top,
+        steps=args.steps,
+        sink_threshold=args.sink_threshold,
+        flip_margin=args.flip_margin,
     )
     print(f"wrote {out}")
     return 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download diffusers and its dependencies as Python $PY_VERSION (default 3.12) / x86_64 wheels into
+# Download diffusers, pytest and their dependencies as Python $PY_VERSION (default 3.12) / x86_64 wheels into
 # $DEST (default .whl/, gitignored),
 # for machines that have PyTorch but no network (benchmarks/gpu_check.sh and scripts/gpu_ci.sh install
 # them offline), plus the harness's other dependencies and test tools for scripts/gpu_ci.sh.
@@ -9,12 +9,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 DIFFUSERS=$("$PY" -c "import diffusers; print(diffusers.__version__)")
 ACCELERATE=$("$PY" -c "import accelerate; print(accelerate.__version__)")  # attn_harness.model.models imports it
+PYTEST=$("$PY" -c "import pytest; print(pytest.__version__)")  # GPU_TESTS=1 bash benchmarks/gpu_check.sh runs tests/test_kernels.py -m gpu
 DEST=${DEST:-.whl}
 PY_VERSION=${PY_VERSION:-3.12}
 mkdir -p "$DEST"
 "$PY" -m pip download --dest "$DEST" --only-binary=:all: --python-version "$PY_VERSION" \
     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    "diffusers==${DIFFUSERS}" "accelerate==${ACCELERATE}"
+    "diffusers==${DIFFUSERS}" "accelerate==${ACCELERATE}" "pytest==${PYTEST}"
 # scripts/gpu_ci.sh installs the harness itself offline: its other dependencies, the test tools
 # and the build backend (no playwright or transformers: the browser and umT5 tests skip there).
 "$PY" -m pip download --dest "$DEST" --only-binary=:all: --python-version "$PY_VERSION" \

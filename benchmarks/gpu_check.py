@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    parser.add_argument("--no-kernels", dest="kernels", action="store_false",
+                        help="skip the Triton mass kernels section (per layer and whole model; CUDA and the wan shape only)")
+    parser.add_argument("--reps", type=int, default=3, help="timed rounds per case in the kernels section")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -111,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  per step, plain:                          {result['seconds_per_step_plain']:.3f} s   peak {gib(result['peak_bytes_plain'])}")
     print(f"  per step, capture logits+mass, {result['captured_layers']} layers: {result['seconds_per_step_capture']:.3f} s   peak {gib(result['peak_bytes_capture'])}")
     print(f"  ratio {result['ratio']:.3f}; mass rows sum to 1 within {result['mass_row_sum_max_error']:.2e} (finite: {result['mass_finite']})")
+    if args.kernels and device.type == "cuda" and args.shape == "wan":
+        from benchmarks import kernels_gpu
+        from benchmarks.run import table
+        from benchmarks.timing import environment
+
+        result["kernels"] = kernels_gpu.run(reps=args.reps, warmup=1, env=environment(args.device), device=args.device)
+        print(table(result["kernels"]))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=1)

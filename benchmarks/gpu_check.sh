@@ -4,6 +4,8 @@
 # only when this Python cannot import diffusers. Arguments go to benchmarks/gpu_check.py:
 #   bash benchmarks/gpu_check.sh                      # full Wan2.1-T2V-1.3B shape on CUDA, bf16, 2 steps
 #   bash benchmarks/gpu_check.sh --shape tiny --device cpu   # the same code path, CPU-sized
+#   GPU_TESTS=1 bash benchmarks/gpu_check.sh --json gpu.json  # CUDA kernel tests, then the check with
+#                                                 # the Triton kernels section (per layer, whole model)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,4 +26,7 @@ if [[ -n "${FORCE_WHEELS:-}" ]] || ! "$PY" -c "import diffusers" 2>/dev/null; th
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -n "${GPU_TESTS:-}" ]]; then  # the CUDA tests of the Triton mass kernels first (needs pytest)
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py || echo "gpu_check: CUDA kernel tests failed (see above)" >&2
+fi
 exec "$PY" -m benchmarks.gpu_check "$@"

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import e2e, overhead, scaling, seed_method
+from benchmarks import e2e, logits_cpu, overhead, scaling, seed_method
 from benchmarks.shapes import EMBEDDED, MID, MID_QUICK, SMOKE, WAN_1_3B, Shape
 from benchmarks.timing import environment
 
-SECTIONS = ("overhead", "seed-method", "scaling", "e2e")
+SECTIONS = ("overhead", "seed-method", "scaling", "e2e", "logits-cpu", "kernels")
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,13 @@ class Profile:
     scaling_tokens_per_frame: int
     logits_frames: tuple[int, ...]
     e2e_reps: int
+    logits_cpu_tokens: tuple[int, ...] = (7800, 32760)
 
 
 PROFILES = {
     "full": Profile(5, 1, (EMBEDDED, MID), (1560, 3120, 4680, 7800), (1560, 3120, 4680, 7800), 1560, (2, 3, 4, 5), 1560, (3, 6, 12, 21), 5),
     "quick": Profile(5, 1, (EMBEDDED, MID_QUICK), (1560, 3120), (1560, 7800), 1560, (1, 2, 3, 4), 780, (3, 6, 12, 21), 1),
-    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0),
+    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0, (16, 32)),
 }
 
 
@@ -66,6 +67,17 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
         records += scaling.run(list(profile.scaling_frames), profile.scaling_tokens_per_frame, reps=profile.reps, warmup=profile.warmup, env=env)
         log(f"[scaling] logits alone on {profile.logits_frames} frames of {profile.scaling_tokens_per_frame} tokens")
         records += scaling.run_logits_wide(list(profile.logits_frames), profile.scaling_tokens_per_frame, reps=profile.reps, warmup=profile.warmup, env=env)
+    if "logits-cpu" in sections:
+        log(f"[logits-cpu] per-frame sums vs float32 copies at {profile.logits_cpu_tokens} tokens")
+        records += logits_cpu.run(list(profile.logits_cpu_tokens), profile.seed_tokens_per_frame, reps=profile.reps, warmup=profile.warmup, env=env)
+    if "kernels" in sections:
+        if device.startswith("cuda"):
+            from benchmarks import kernels_gpu  # imports Triton
+
+            log(f"[kernels] Triton mass at the full Wan shape, per layer and whole model ({device})")
+            records += kernels_gpu.run(reps=min(profile.reps, 3), warmup=profile.warmup, env=env, device=device)
+        else:
+            records.append({"name": "kernels", "skipped": "GPU only (--device cuda)"})
     if "e2e" in sections and profile.e2e_reps:
         log(f"[e2e] pytest {specs}: cold cache, warm cache, warm with report, collect-only")
         records += e2e.run(specs, reps=profile.e2e_reps, env=env)
@@ -97,6 +109,8 @@ def table(records: list[dict]) -> str:
                 note = f"bf16: {_fmt_bytes(rec['median_bytes_bf16'])}; {note}"
             ratio = f"{rec['ratio']:8.4f}" if rec.get("ratio") is not None else f"{'-':>8}"
             lines.append(f"{rec['name']:58} {_fmt_bytes(rec['median_bytes']):>12} {'-':>7} {ratio}  {note}")
+        elif "median_s" not in rec:
+            lines.append(f"{rec['name']:58} {'-':>12} {'-':>7} {'-':>8}  {rec.get('note', '')}")
         else:
             note = f"paired {rec['paired_ratio']:.3f}, min {rec['min_s']:.4f}s, max {rec['max_s']:.4f}s, n={rec['reps']}"
             if "cpu_median_s" in rec:
@@ -125,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: checks the machinery only (used by the tests)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the records to FILE")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    parser.add_argument("--device", default="cpu", help="device for the capture-overhead section (cuda adds the full Wan2.1-1.3B shape)")
+    parser.add_argument("--device", default="cpu", help="device for the capture-overhead section (cuda adds the full Wan2.1-1.3B shape) and the kernels section (cuda only)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--specs", type=Path, default=Path("specs"), help="spec directory for the e2e section")
     args = parser.parse_args(argv)

@@ -43,3 +43,24 @@ def reference_qk(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.T
         return torch.view_as_real(pairs * rotation).flatten(-2)
 
     return project(attn.to_q, attn.norm_q), project(attn.to_k, attn.norm_k)
+
+
+def brute_force_text_mass(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """Cross-attention mass ``[batch, heads, query_frame, text_token]`` from the whole float64 score matrix."""
+    q64, k64 = q.double(), k.double()
+    scores = torch.einsum("bihd,bjhd->bhij", q64, k64) / math.sqrt(q.shape[-1])
+    probs = torch.softmax(scores, dim=-1)
+    return probs.unflatten(2, (q.shape[1] // tokens_per_frame, tokens_per_frame)).mean(3)
+
+
+@torch.no_grad()
+def reference_cross_qk(attn, hidden_states: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (from the video tokens) and k (from the text tokens) of a Wan cross-attention in float64:
+    linear + RMSNorm written out, no RoPE (cross-attention has none)."""
+
+    def project(x, linear, norm):
+        y = x.double() @ linear.weight.double().T + linear.bias.double()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
+        return y.unflatten(2, (attn.heads, -1))
+
+    return project(hidden_states, attn.to_q, attn.norm_q), project(text, attn.to_k, attn.norm_k)

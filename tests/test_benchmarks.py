@@ -87,3 +87,16 @@ def test_unknown_section_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         runner.main(["--smoke", "--sections", "overhead,nonsense"])
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_report_scale_builds_the_real_models_geometry_and_well_formed_records(tmp_path):
+    from benchmarks import report_scale
+
+    ds = report_scale.synthetic(0, (0,))
+    assert dict(ds["logits"].sizes) == {"step": 3, "layer": 30, "head": 12, "query_frame": 21, "key_frame": 21}
+    assert ds["logits"].isel(query_frame=0, key_frame=5).isnull().all()  # block-causal: no future keys
+    page = tmp_path / "page.html"
+    page.write_text("x" * 100)
+    record = report_scale.measure("case", lambda: page, reps=2)
+    assert record["name"] == "case" and record["reps"] == 2 and record["bytes"] == 100
+    assert record["min_s"] <= record["median_s"] <= record["max_s"]

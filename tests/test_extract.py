@@ -8,7 +8,8 @@ import torch
 
 from attn_harness.core import schema
 from attn_harness.core.errors import HarnessError
-from attn_harness.sampling.extract import extract, resolve_steps
+from attn_harness.sampling.extract import extract
+from attn_harness.sampling.run import resolve_steps
 from attn_harness.model.models import load_model
 from attn_harness.core.probe import Probe
 from attn_harness.core.store import validate

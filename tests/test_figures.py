@@ -180,6 +180,8 @@ def test_head_bars_plot_the_query_profile_with_the_sink_score_in_each_title():
         np.testing.assert_allclose(heights, profile[head], atol=TOL)
         assert ax.get_title() == f"H{head} (sink={sinks[head]:+.2f})"
     assert sinks[0] > 3.0 > abs(sinks[1])
+    assert fig.get_suptitle() == "Layer 0, step 0: logits, mean over query frames [6, 7, 8] (latent) per key frame"
+    assert [ax.get_ylabel() for ax in panels] == ["mean attention logit (block mean)", "", "mean attention logit (block mean)", ""]
 
 
 def test_stats_table_lists_every_head_with_the_seed_statistics():
@@ -245,3 +247,29 @@ def test_plot_layer_writes_every_figure_and_the_stats_table(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == names
     assert "key frame (pixel)" in (tmp_path / "layer1_step5_heads_logits.svg").read_text()
     assert "<td>H3</td>" in (tmp_path / "layer1_step5_stats.html").read_text()
+
+
+def _text_view(heads: int = 4, frames: int = 3, tokens: int = 6) -> xr.DataArray:
+    values = np.random.default_rng(0).dirichlet(np.ones(tokens), size=(heads, frames))
+    return xr.DataArray(
+        values, dims=("head", "query_frame", "text_token"),
+        coords={"head": range(heads), "query_frame": range(frames), "text_token": range(tokens),
+                "text_content": ("text_token", np.array([1] * 4 + [0] * (tokens - 4), dtype=np.int8))},
+    )
+
+
+def test_text_mass_grid_draws_each_heads_query_frame_by_token_mass_and_marks_padding():
+    view = _text_view()
+    fig = figures.text_mass_grid(view, token_labels=["a", "red", "square", "</s>", "<pad>", "<pad>"])
+    panels = image_axes(fig)
+    assert len(panels) == 4
+    for head, ax in enumerate(panels):
+        np.testing.assert_array_equal(ax.images[0].get_array(), view.sel(head=head).values)
+        assert ax.images[0].norm.vmin == 0.0 and ax.images[0].norm.vmax == pytest.approx(float(view.max()))
+        assert len(ax.patches) == 2  # one grey mark per padding token
+    assert [t.get_text() for t in panels[-1].get_xticklabels()][:2] == ["a", "red"]
+
+
+def test_text_mass_grid_needs_the_text_token_dim():
+    with pytest.raises(HarnessError, match="text_mass_grid needs dims"):
+        figures.text_mass_grid(planted_dataset(steps=1, layers=1).mass.isel(step=0, layer=0))

@@ -214,6 +214,78 @@ def test_block_size_at_least_the_frame_count_is_bidirectional(num_latent, extra)
     assert frames.block_causal_mask(num_latent, num_latent + extra).all()
 
 
+def sink_window_oracle(num_latent: int, block_size: int, sink: int, window: int) -> np.ndarray:
+    """Brute force from blocks(): a query in the block starting at s sees its block, frames 0..sink-1
+    and frames s-window..s-1 (never a frame at or after s outside its block)."""
+    allowed = np.zeros((num_latent, num_latent), dtype=bool)
+    for block in frames.blocks(num_latent, block_size):
+        for query in block:
+            for key in range(num_latent):
+                earlier = key < block.start and (key < sink or key >= block.start - window)
+                allowed[query, key] = key in block or earlier
+    return allowed
+
+
+SINK_WINDOW = (st.integers(1, 30), st.integers(1, 8), st.integers(0, 10), st.integers(0, 12))
+
+
+@given(*SINK_WINDOW)
+def test_sink_window_mask_is_own_block_plus_sink_plus_window(num_latent, block_size, sink, window):
+    mask = frames.sink_window_mask(num_latent, block_size, sink, window)
+    np.testing.assert_array_equal(mask, sink_window_oracle(num_latent, block_size, sink, window))
+
+
+@given(*SINK_WINDOW)
+def test_sink_window_hides_everything_block_causal_hides_and_keeps_at_most_sink_plus_window_earlier_frames(
+    num_latent, block_size, sink, window
+):
+    mask = frames.sink_window_mask(num_latent, block_size, sink, window)
+    causal = frames.block_causal_mask(num_latent, block_size)
+    assert not (mask & ~causal).any()
+    for block in frames.blocks(num_latent, block_size):
+        assert mask[block.start][: block.start].sum() <= sink + window
+        assert mask[np.ix_(list(block), list(block))].all()
+
+
+@given(st.integers(1, 30), st.integers(1, 8), st.integers(0, 10))
+def test_a_window_covering_the_whole_past_is_block_causal(num_latent, block_size, sink):
+    np.testing.assert_array_equal(
+        frames.sink_window_mask(num_latent, block_size, sink, num_latent),
+        frames.block_causal_mask(num_latent, block_size),
+    )
+
+
+def test_sink_window_of_10_blocks_of_3_keeps_the_first_block_and_the_last_two():
+    mask = frames.sink_window_mask(30, 3, sink_frames=3, window_frames=6)
+    assert np.flatnonzero(mask[27]).tolist() == [0, 1, 2, 21, 22, 23, 24, 25, 26, 27, 28, 29]
+    assert not np.array_equal(mask, frames.block_causal_mask(30, 3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(*SINK_WINDOW, st.data())
+def test_hidden_cells_follow_the_mask_by_frame_value_on_any_subset_of_frames(num_latent, block_size, sink, window, data):
+    query = sorted(data.draw(st.sets(st.integers(0, num_latent - 1), min_size=1)))
+    key = sorted(data.draw(st.sets(st.integers(0, num_latent - 1), min_size=1)))
+    da = xr.DataArray(np.zeros((len(query), len(key))), dims=frames.FRAME_DIMS, coords={"query_frame": query, "key_frame": key})
+    hidden = frames.hidden_cells(da, "sink-window", block_size, sink, window).transpose(*frames.FRAME_DIMS)
+    expected = ~sink_window_oracle(num_latent, block_size, sink, window)[np.ix_(query, key)]
+    np.testing.assert_array_equal(hidden.values, expected)
+
+
+@given(st.integers(1, 30), st.integers(1, 8), st.integers(0, 10), st.integers(0, 12))
+def test_visible_mask_names_every_mask(num_latent, block_size, sink, window):
+    assert frames.visible_mask(num_latent, "bidirectional") is None
+    np.testing.assert_array_equal(frames.visible_mask(num_latent, "block-causal", block_size),
+                                  frames.block_causal_mask(num_latent, block_size))
+    np.testing.assert_array_equal(frames.visible_mask(num_latent, "sink-window", block_size, sink, window),
+                                  frames.sink_window_mask(num_latent, block_size, sink, window))
+
+
+def test_an_unknown_mask_is_an_error_naming_the_valid_ones():
+    with pytest.raises(HarnessError, match="bidirectional, block-causal, sink-window"):
+        frames.visible_mask(6, "causal")
+
+
 # Tokens.
 
 

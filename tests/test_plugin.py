@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from attn_harness.core import store
+from attn_harness.core.results import Results
 
 pytest_plugins = ["pytester"]
 
@@ -109,7 +110,7 @@ def test_perturbed_baseline_fails_with_named_diff_and_regen_flags(project, pytes
     ds["logits"][dict(step=0, layer=0, head=2, query_frame=4, key_frame=1)] += 0.25
     store.write_dataset(ds, baseline)
 
-    result = project.run()
+    result = project.run("-q", "--attn-results", "out")
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines([
         "*logits: 1 of 324 cells differ (0.31%) beyond atol=0.0001 rtol=0.0001",
@@ -117,6 +118,19 @@ def test_perturbed_baseline_fails_with_named_diff_and_regen_flags(project, pytes
         "*pytest 'specs/mini.yaml::mini::layer3::baseline' --force-regen (writes */baselines/mini/layer3.nc)",
     ])
     assert (baseline.parent / "layer3.obtained.nc").is_file()
+    report = pytester.path / "reports" / "latest" / "index.html"
+    assert f"attention report: {report}" in result.stdout.lines  # its own line, not after the dots
+    record = next(r for r in json.loads((pytester.path / "out" / "results.json").read_text())["checks"]
+                  if r["kind"] == "baseline")
+    assert record["metric"] == "logits, mass" and record["status"] == "fail"  # both variables were compared
+    logits, mass = record["variables"]
+    assert (mass["variable"], mass["beyond"]) == ("mass", 0)
+    assert (logits["variable"], logits["beyond"], logits["cells"]) == ("logits", 1, 324)
+    assert logits["share"] == pytest.approx(1 / 324)
+    assert logits["max_abs"]["value"] == pytest.approx(0.25, rel=1e-5)
+    assert logits["max_abs"]["location"] == {"step": 0, "layer": 3, "head": 2, "query_frame": 4, "key_frame": 1}
+    assert record["violations"][0]["location"] == logits["max_abs"]["location"]
+    assert record["observed"].startswith("logits: 1 of 324 cells beyond (0.31%), max |diff| 0.25")
 
     project.run("--force-regen").assert_outcomes(passed=3, failed=1)  # rewritten, still fails this run
     assert not (baseline.parent / "layer3.obtained.nc").exists()
@@ -145,6 +159,7 @@ def test_results_json_records_every_check(project, pytester):
     project.write(SPEC.replace("{expected: [0, 2]}", "{expected: [0, 1, 2], severity: warn}"))
     result = project.run("--regen-all", "--attn-results", "out")
     result.assert_outcomes(passed=4, warnings=1)
+    result.stdout.fnmatch_lines(["*specs/mini.yaml:11: AttnCheckWarning: *layer3::sink_heads (severity warn)"])
     results = json.loads((pytester.path / "out" / "results.json").read_text())
     assert set(results["run"]) == {"command", "started", "duration_s", "harness_version"}
     (spec,) = results["specs"]
@@ -154,6 +169,8 @@ def test_results_json_records_every_check(project, pytester):
     assert sink["violations"][0]["location"] == {"step": 0, "layer": 3, "head": 1}
     base = next(r for r in results["checks"] if r["kind"] == "baseline")
     assert base["status"] == "pass" and base["baseline"] == "baselines/mini/layer3.nc"
+    assert [(v["variable"], v["beyond"]) for v in base["variables"]] == [("logits", 0), ("mass", 0)]
+    Results.from_dict(results)  # the typed record reads its own output back
 
 
 def test_missing_checkpoint_env_var_and_gpu_mark_skip_with_reason(project, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.store import read_dataset, write_dataset
 from attn_harness.sampling.extract import extract
 from attn_harness.model.models import TINY_CONFIG, TINY_TEXT_TOKENS, build_tiny_random, hash_prompt_embedding, load_model
 from attn_harness.core.probe import Probe
@@ -174,6 +175,17 @@ def test_extract_on_a_pipeline_dir_records_the_encoder_and_embedding_fingerprint
     assert ds.attrs["prompt_encoder"] == loaded.prompt_encoder
     assert ds.attrs["prompt_embedding_fingerprint"] == embedding_fingerprint(loaded.encode_prompt("a red square moving"))
     assert ds.attrs["checkpoint_layout"] == "diffusers-pipeline"
+
+
+def test_text_mass_of_a_model_with_a_tokenizer_names_its_tokens_and_marks_the_padding(tmp_path):
+    pytest.importorskip("transformers")
+    root = write_pipeline_with_text_encoder(tmp_path / "pipe")
+    ds = extract(str(root), PROBE.replace(prompt="a red square", metrics=("logits", "text_mass")), progress=False)
+    strings = ds["text_token_string"].values.tolist()
+    assert strings[:5] == ["a", "red", "square", "</s>", "<pad>"] and len(strings) == TINY_TEXT_TOKENS
+    assert ds["text_content"].values.tolist() == [1, 1, 1, 1] + [0] * (TINY_TEXT_TOKENS - 4)
+    back = read_dataset(write_dataset(ds, tmp_path / "t.nc"))
+    assert back["text_token_string"].values.tolist() == strings
 
 
 def test_original_umt5_pth_is_named_in_the_error_with_what_to_do_instead(tmp_path):

@@ -143,3 +143,34 @@ def test_model_from_env_var_with_default_and_missing(tmp_path):
     assert source is None and "nowhere' does not exist" in reason
     (tmp_path / "ckpt").mkdir()
     assert resolve_model("ckpt", embedded=embedded, root=tmp_path, environ={}) == (str(tmp_path / "ckpt"), None)
+
+
+AUTOREGRESSIVE = GOOD.replace(
+    "      capture_steps: [first, last]\n      mask: block-causal\n",
+    "      capture_timesteps: [999, 500]\n      mode: rollout\n      mask: sink-window\n      sink_frames: 3\n"
+    "      window_frames: 6\n      denoising_timesteps: [1000, 750, 500, 250]\n      warp_timesteps: false\n"
+    "      metrics: [logits, mass, text_mass]\n",
+).replace("        - row_stochastic\n", "        - row_stochastic\n        - text_share: {min: 0.5}\n")
+
+
+def test_autoregressive_probe_keys_load(tmp_path):
+    (spec,) = load_specs(write(tmp_path, AUTOREGRESSIVE))
+    probe = spec.probe
+    assert (probe.mode, probe.mask, probe.sink_frames, probe.window_frames) == ("rollout", "sink-window", 3, 6)
+    assert probe.denoising_timesteps == (1000, 750, 500, 250) and probe.warp_timesteps is False
+    assert probe.capture_timesteps == (999, 500) and "text_mass" in probe.metrics
+
+
+def test_capture_steps_and_capture_timesteps_together_name_the_line(tmp_path):
+    text = AUTOREGRESSIVE.replace("      capture_timesteps: [999, 500]\n", "      capture_timesteps: [999, 500]\n      capture_steps: [0]\n")
+    err = error_of(tmp_path, text)
+    assert err.line == 9 and "capture_steps or capture_timesteps, not both" in str(err)
+
+
+def test_bad_autoregressive_values_name_their_key(tmp_path):
+    err = error_of(tmp_path, AUTOREGRESSIVE.replace("warp_timesteps: false", "warp_timesteps: 2"))
+    assert "probe.warp_timesteps must be true or false" in str(err)
+    err = error_of(tmp_path, AUTOREGRESSIVE.replace("[1000, 750, 500, 250]", "[250, 500]"))
+    assert "denoising_timesteps must be distinct values in (0, 1000], descending" in str(err)
+    err = error_of(tmp_path, AUTOREGRESSIVE.replace("metrics: [logits, mass, text_mass]", "metrics: [logits, mass]"))
+    assert "text_share checks 'text_mass' but the probe captures only ['logits', 'mass']" in str(err)

@@ -272,7 +272,7 @@ def test_validate_rejects_an_unknown_mask_and_a_bad_block_size() -> None:
     ds = make_dataset()
     ds.attrs.update(mask="causal", block_size=0)
     message = problems_of(ds)
-    assert "attr mask is 'causal'; expected one of ['bidirectional', 'block-causal']" in message
+    assert "attr mask is 'causal'; expected one of ['bidirectional', 'block-causal', 'sink-window']" in message
     assert "attr block_size is 0; expected a positive integer" in message
 
 

@@ -22,7 +22,7 @@ import xarray as xr
 
 from attn_harness.core import metrics
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.frames import hidden_cells
+from attn_harness.core.frames import hidden_cells, mask_params
 from attn_harness.core.schema import DIMS
 
 REQUIRED = object()  # marks a parameter without a default
@@ -88,7 +88,7 @@ def _is_int_list(value: Any) -> bool:
 
 
 COMMON_PARAMS: dict[str, Param] = {
-    "metric": Param("choice", None, "variable to check (default per property)", ("logits", "mass")),
+    "metric": Param("choice", None, "variable to check (default per property)", ("logits", "mass", "text_mass")),
     "heads": Param("heads", "all", "heads to check"),
     "steps": Param("steps", "all", "denoising steps to check (step coordinate values)"),
     "mostly": Param("number", 1.0, "share of units (cells, rows or heads) that must pass, in (0, 1]"),
@@ -169,8 +169,9 @@ def _register(prop: Property) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _mask_of(da: xr.DataArray) -> tuple[str, int]:
-    return str(da.attrs.get("mask", "bidirectional")), int(da.attrs.get("block_size", 3) or 3)
+def _mask_of(da: xr.DataArray) -> dict:
+    """The extraction's mask parameters (``mask``, ``block_size``, ``sink_frames``, ``window_frames``)."""
+    return mask_params(da.attrs)
 
 
 def _ordered(da: xr.DataArray) -> xr.DataArray:
@@ -212,7 +213,7 @@ def _range_text(da: xr.DataArray) -> str:
 
 def _visible_only(da: xr.DataArray) -> xr.DataArray:
     """NaN on cells the extraction's mask hides (masked mass is 0, which is not a value to average)."""
-    return da.where(~hidden_cells(da, *_mask_of(da)))
+    return da.where(~hidden_cells(da, **_mask_of(da)))
 
 
 def _query_frames(da: xr.DataArray, params: dict) -> list[int]:
@@ -224,8 +225,7 @@ def _query_frames(da: xr.DataArray, params: dict) -> list[int]:
 
 
 def value_range(da: xr.DataArray, params: dict) -> Evaluation:
-    mask, block_size = _mask_of(da)
-    visible = ~hidden_cells(da, mask, block_size)
+    visible = ~hidden_cells(da, **_mask_of(da))
     lo, hi, finite = params["min"], params["max"], params["finite"]
     values = da.where(visible)
     cells = visible.broadcast_like(da)
@@ -287,12 +287,11 @@ def sink_score(da: xr.DataArray, params: dict) -> Evaluation:
 
 
 def diagonal_dominance(da: xr.DataArray, params: dict) -> Evaluation:
-    mask, block_size = _mask_of(da)
     if params["query_frames"]:
         da = da.sel(query_frame=list(params["query_frames"]))
     same = da["query_frame"] == da["key_frame"]
     diag = da.where(same).max("key_frame", skipna=True)
-    others = da.where(~same & ~hidden_cells(da, mask, block_size))
+    others = da.where(~same & ~hidden_cells(da, **_mask_of(da)))
     has_other = others.notnull().any("key_frame")
     if params["against"] == "mean":
         competitor = others.mean("key_frame", skipna=True)
@@ -340,13 +339,19 @@ def row_stochastic(da: xr.DataArray, params: dict) -> Evaluation:
 
 
 def causal(da: xr.DataArray, params: dict) -> Evaluation:
-    block_size = params["block_size"] or _mask_of(da)[1]
-    hidden = hidden_cells(da, "block-causal", block_size).broadcast_like(da)
+    mask = _mask_of(da)
+    if mask["mask"] == "bidirectional":
+        mask["mask"] = "block-causal"  # a bidirectional extraction is checked against the block-causal mask
+    block_size = mask["block_size"] = params["block_size"] or mask["block_size"]
+    hidden = hidden_cells(da, **mask).broadcast_like(da)
     if not bool(hidden.any()):
         raise HarnessError(
-            f"causal: block_size {block_size} puts all {da.sizes['key_frame']} frames in one block, so nothing "
-            "is masked and there is nothing to check; use a smaller block_size"
+            f"causal: under the {mask['mask']} mask with block_size {block_size} nothing is masked in the "
+            f"{da.sizes['key_frame']} frames, so there is nothing to check; use a smaller block_size"
         )
+    described = f"{mask['mask']} with block_size {block_size}" + (
+        f", sink_frames {mask['sink_frames']}, window_frames {mask['window_frames']}" if mask["mask"] == "sink-window" else ""
+    )
     if da.name == "mass":
         tol = params["tol"]
         bad = hidden & ~(np.abs(da) <= tol)
@@ -356,7 +361,9 @@ def causal(da: xr.DataArray, params: dict) -> Evaluation:
         expected = "NaN (masked)"
 
     def note(loc: dict) -> str:
-        return f"key block {loc['key_frame'] // block_size} after query block {loc['query_frame'] // block_size}"
+        if loc["key_frame"] // block_size > loc["query_frame"] // block_size:
+            return f"key block {loc['key_frame'] // block_size} after query block {loc['query_frame'] // block_size}"
+        return f"key frame {loc['key_frame']} evicted from the cache (neither sink nor window)"
 
     return Evaluation(
         unit="masked cells",
@@ -364,7 +371,7 @@ def causal(da: xr.DataArray, params: dict) -> Evaluation:
         failing=int(bad.sum()),
         violations=_collect(bad, da, expected, note),
         observed=f"{int(bad.sum())} masked cells hold a value; {da.name} there: {_range_text(da.where(hidden & da.notnull()))}",
-        expected=f"block-causal with block_size {block_size}: masked cells {expected}",
+        expected=f"{described}: masked cells {expected}",
     )
 
 
@@ -440,6 +447,37 @@ def sink_heads(da: xr.DataArray, params: dict) -> Evaluation:
     )
 
 
+def text_share(da: xr.DataArray, params: dict) -> Evaluation:
+    tokens = da["text_token"]
+    if params["tokens"] is not None:
+        chosen = xr.DataArray(np.isin(tokens.values, list(params["tokens"])), dims="text_token", coords={"text_token": tokens})
+        which = f"text tokens {list(params['tokens'])}"
+    elif "text_content" in da.coords:
+        chosen = da["text_content"] == 1
+        which = "the prompt's content tokens"
+    else:
+        raise HarnessError("text_share: this extraction does not mark content tokens (no text_content coordinate); "
+                           "give tokens: [...]")
+    share = da.where(chosen, 0.0).sum("text_token")
+    bad = xr.zeros_like(share, dtype=bool) | share.isnull()
+    parts = []
+    if params["min"] is not None:
+        bad = bad | (share < params["min"])
+        parts.append(f">= {params['min']:g}")
+    if params["max"] is not None:
+        bad = bad | (share > params["max"])
+        parts.append(f"<= {params['max']:g}")
+    expected = f"share on {which} " + " and ".join(parts)
+    return Evaluation(
+        unit="query rows",
+        units=int(share.size),
+        failing=int(bad.sum()),
+        violations=_collect(bad, share, expected),
+        observed=f"share on {which}: {_range_text(share)}",
+        expected=expected,
+    )
+
+
 QUERY_FRAMES = Param("frames", None, "query frames of the profile (default: the last block)")
 
 _register(Property(
@@ -452,6 +490,7 @@ _register(Property(
         "finite": Param("bool", True, "visible cells must be finite"),
     },
     fn=value_range,
+    metrics=("logits", "mass", "text_mass"),
 ))
 _register(Property(
     name="sink_score",
@@ -487,7 +526,9 @@ _register(Property(
 ))
 _register(Property(
     name="causal",
-    formula="for every cell with block(b) > block(a), block(f) = f // block_size: logits NaN; |mass| <= tol",
+    formula="for every cell the extraction's mask hides (block-causal: block(b) > block(a), block(f) = f // block_size; "
+    "sink-window: also earlier frames that are neither among the first sink_frames nor the last window_frames "
+    "before a's block; a bidirectional extraction is checked as block-causal): logits NaN; |mass| <= tol",
     params={
         "block_size": Param("int", None, "frames per block (default: the extraction's block_size)"),
         "tol": Param("number", 0.0, "largest |mass| allowed on a masked cell"),
@@ -518,6 +559,22 @@ _register(Property(
         "query_frames": QUERY_FRAMES,
     },
     fn=sink_heads,
+))
+
+
+_register(Property(
+    name="text_share",
+    formula="per query row (step, layer, head, query frame a): share = sum over the chosen text tokens t of "
+    "text_mass[a, t] (default: the content tokens, text_content = 1, vs padding); min <= share <= max",
+    params={
+        "min": Param("number", None, "lowest allowed share"),
+        "max": Param("number", None, "highest allowed share"),
+        "tokens": Param("int_list", None, "text token indices to sum (default: the prompt's content tokens)"),
+    },
+    fn=text_share,
+    default_metric="text_mass",
+    metrics=("text_mass",),
+    requires_one_of=("min", "max"),
 ))
 
 

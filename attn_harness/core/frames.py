@@ -5,10 +5,13 @@ Pure NumPy (and xarray for the two DataArray helpers), so every other module can
 torch. Wan2.1 facts (DESIGN.md section 2): the VAE is causal with temporal stride 4, so
 latent frame 0 comes from pixel frame 0 alone and latent t >= 1 from pixel frames
 4t-3 .. 4t; tokens are frame-major after patchify; autoregressive derivatives attend
-block-causally over blocks of latent frames.
+block-causally over blocks of latent frames, or over a frame sink plus a window of recent
+frames (a rolling KV cache).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import xarray as xr
@@ -16,6 +19,7 @@ import xarray as xr
 from attn_harness.core.errors import HarnessError
 
 FRAME_DIMS: tuple[str, ...] = ("query_frame", "key_frame")
+MASKS: tuple[str, ...] = ("bidirectional", "block-causal", "sink-window")
 
 IntOrArray = int | np.ndarray
 
@@ -127,16 +131,69 @@ def block_causal_mask(num_latent_frames: int, block_size: int) -> np.ndarray:
     return block_of[np.newaxis, :] <= block_of[:, np.newaxis]
 
 
-def hidden_cells(data: xr.DataArray | xr.Dataset, mask: str, block_size: int) -> xr.DataArray:
+def _sink_window_visible(query, key, block_size: int, sink_frames: int, window_frames: int):
+    """The sink-window rule on frame indices (ints, arrays or DataArrays that broadcast)."""
+    start = (query // block_size) * block_size  # first frame of the query's block
+    own_block = (key // block_size) == (query // block_size)
+    earlier = key < start
+    return own_block | (earlier & ((key < sink_frames) | (key >= start - window_frames)))
+
+
+def sink_window_mask(num_latent_frames: int, block_size: int, sink_frames: int, window_frames: int) -> np.ndarray:
+    """Bool [query_frame, key_frame] of a rolling KV cache with a frame sink.
+
+    A query in the block starting at frame s sees its own block, the first ``sink_frames``
+    frames of the clip and the ``window_frames`` frames just before s (frames s-W .. s-1);
+    every other earlier frame has been evicted from the cache, every later frame is not
+    generated yet. With a window covering the whole past it is the block-causal mask.
+    """
+    frames = _require_int("num_latent_frames", num_latent_frames, 1)
+    size = _require_int("block_size", block_size, 1)
+    sink = _require_int("sink_frames", sink_frames, 0)
+    window = _require_int("window_frames", window_frames, 0)
+    index = np.arange(frames)
+    return _sink_window_visible(index[:, np.newaxis], index[np.newaxis, :], size, sink, window)
+
+
+def visible_mask(num_latent_frames: int, mask: str, block_size: int = 3, sink_frames: int = 0,
+                 window_frames: int = 0) -> np.ndarray | None:
+    """The bool [query_frame, key_frame] visibility of ``mask``; None for bidirectional (all visible)."""
+    if mask == "bidirectional":
+        return None
+    if mask == "block-causal":
+        return block_causal_mask(num_latent_frames, block_size)
+    if mask == "sink-window":
+        return sink_window_mask(num_latent_frames, block_size, sink_frames, window_frames)
+    raise FrameGeometryError(f"mask must be one of {', '.join(MASKS)}; got {mask!r}")
+
+
+def mask_params(attrs: Mapping) -> dict:
+    """``mask``, ``block_size``, ``sink_frames``, ``window_frames`` of an extraction's attrs (defaults filled)."""
+    return {
+        "mask": str(attrs.get("mask", "bidirectional")),
+        "block_size": int(attrs.get("block_size", 3) or 3),
+        "sink_frames": int(attrs.get("sink_frames", 0) or 0),
+        "window_frames": int(attrs.get("window_frames", 0) or 0),
+    }
+
+
+def hidden_cells(data: xr.DataArray | xr.Dataset, mask: str, block_size: int, sink_frames: int = 0,
+                 window_frames: int = 0) -> xr.DataArray:
     """True where ``mask`` hides key frame b from query frame a, on ``data``'s frame coordinates.
 
     Block-causal: b's block comes after a's (``b // block_size > a // block_size``, by frame
-    value, so a subset of frames works); bidirectional: nothing is hidden.
+    value, so a subset of frames works); sink-window: also the earlier frames that are neither
+    sink nor window (``sink_window_mask``); bidirectional: nothing is hidden. Data without a
+    ``key_frame`` dim (the text cross-attention) has nothing hidden.
     """
+    if "key_frame" not in data.coords:
+        return xr.zeros_like(data["query_frame"], dtype=bool)
     query, key = data["query_frame"], data["key_frame"]
-    if mask != "block-causal":
-        return xr.zeros_like(query * key, dtype=bool)
-    return (key // block_size) > (query // block_size)
+    if mask == "block-causal":
+        return (key // block_size) > (query // block_size)
+    if mask == "sink-window":
+        return ~_sink_window_visible(query, key, block_size, sink_frames, window_frames)
+    return xr.zeros_like(query * key, dtype=bool)
 
 
 def _frame_dims(da: xr.DataArray, caller: str) -> list[str]:

@@ -24,10 +24,10 @@ def last_block(num_frames: int, block_size: int = 3) -> list[int]:
 
 
 def default_query_frames(ds: xr.Dataset | xr.DataArray) -> list[int]:
-    """Last block under a block-causal mask, else the last ``block_size`` (default 3) frames."""
+    """Last block under a block-causal or sink-window mask, else the last ``block_size`` (default 3) frames."""
     num_frames = ds.sizes["query_frame"]
     block_size = int(ds.attrs.get("block_size", 3) or 3)
-    if ds.attrs.get("mask") == "block-causal":
+    if ds.attrs.get("mask") in ("block-causal", "sink-window"):
         return last_block(num_frames, block_size)
     return list(range(max(num_frames - block_size, 0), num_frames))
 

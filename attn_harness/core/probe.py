@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.frames import MASKS
 
 DTYPES = ("float32", "bfloat16", "float16")
-MASKS = ("bidirectional", "block-causal")
+METRIC_NAMES = ("logits", "mass", "text_mass")
 BRANCHES = ("cond", "uncond")
 MODES = ("teacher-forced", "rollout")
 
@@ -23,7 +24,13 @@ class Probe:
     ``last`` and integers; ``layers`` is ``"all"`` or a tuple of block indices.
     ``prompt_embeds`` (a file) replaces the text encoder. ``mode`` ``teacher-forced`` denoises the
     whole clip in one pass per step (under ``mask``); ``rollout`` denoises it block by block with a
-    KV cache of the earlier clean blocks (``attn_harness.sampling.rollout``) and needs ``mask: block-causal``.
+    KV cache of the earlier clean blocks (``attn_harness.sampling.rollout``) and needs ``mask:
+    block-causal`` or ``sink-window`` (the cache keeps the first ``sink_frames`` frames and the last
+    ``window_frames`` frames before the block). ``denoising_timesteps`` (e.g. ``(1000, 750, 500, 250)``)
+    replaces the UniPC schedule with the few-step sampler of distilled models (predict x0, re-noise
+    to the next timestep), warped by ``shift`` when ``warp_timesteps``. ``capture_timesteps``
+    captures the steps nearest to those timestep values instead of ``capture_steps``. ``metrics``
+    may add ``text_mass``, the cross-attention mass over text tokens.
     """
 
     prompt: str = "a red square moving from left to right"
@@ -45,21 +52,36 @@ class Probe:
     branch: str = "cond"
     prompt_embeds: str | None = None
     mode: str = "teacher-forced"
+    sink_frames: int = 0
+    window_frames: int = 0
+    denoising_timesteps: tuple[float, ...] | None = None
+    warp_timesteps: bool = True
+    capture_timesteps: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name, allowed in (("dtype", DTYPES), ("mask", MASKS), ("branch", BRANCHES), ("mode", MODES)):
             value = getattr(self, name)
             if value not in allowed:
                 raise HarnessError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        bad_metrics = [m for m in self.metrics if m not in ("logits", "mass")]
+        bad_metrics = [m for m in self.metrics if m not in METRIC_NAMES]
         if bad_metrics or "logits" not in self.metrics:
-            raise HarnessError(f"metrics must include 'logits' and may add 'mass'; got {list(self.metrics)}")
+            raise HarnessError(f"metrics must include 'logits' and may add 'mass', 'text_mass'; got {list(self.metrics)}")
         if self.sample_steps < 1:
             raise HarnessError(f"sample_steps must be at least 1; got {self.sample_steps}")
         if self.block_size < 1:
             raise HarnessError(f"block_size must be at least 1; got {self.block_size}")
-        if self.mode == "rollout" and self.mask != "block-causal":
-            raise HarnessError("mode 'rollout' attends block-causally (each block sees the cached earlier blocks): set mask to block-causal")
+        if self.mode == "rollout" and self.mask == "bidirectional":
+            raise HarnessError("mode 'rollout' attends to a KV cache of earlier blocks: set mask to block-causal or sink-window")
+        if self.sink_frames < 0 or self.window_frames < 0:
+            raise HarnessError(f"sink_frames and window_frames must be >= 0; got {self.sink_frames}, {self.window_frames}")
+        if (self.sink_frames or self.window_frames) and self.mask != "sink-window":
+            raise HarnessError(f"sink_frames/window_frames apply to mask sink-window only; got mask {self.mask!r}")
+        if self.denoising_timesteps is not None:
+            steps = list(self.denoising_timesteps)
+            if not steps or any(not 0 < t <= 1000 for t in steps) or steps != sorted(set(steps), reverse=True):
+                raise HarnessError(f"denoising_timesteps must be distinct values in (0, 1000], descending; got {steps}")
+        if any(not 0 <= t <= 1000 for t in self.capture_timesteps):
+            raise HarnessError(f"capture_timesteps must lie in [0, 1000]; got {list(self.capture_timesteps)}")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,7 +1,8 @@
 """The data contract of one extraction (DESIGN.md section 4), shared by every module.
 
 An extraction is an ``xarray.Dataset`` with variables ``logits`` and (optionally) ``mass``
-over the dims ``(step, layer, head, query_frame, key_frame)``, a ``timestep`` coordinate on
+over the dims ``(step, layer, head, query_frame, key_frame)``, optionally ``text_mass`` over
+``(step, layer, head, query_frame, text_token)``, a ``timestep`` coordinate on
 ``step``, and JSON-safe attrs (structured values JSON-encoded, no bools).
 """
 
@@ -14,9 +15,15 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from attn_harness.core.frames import MASKS  # noqa: F401  (the contract's masks, re-exported)
+
+LEGACY_MASKS: tuple[str, ...] = ("bidirectional", "block-causal")  # what the seed notebook's files can hold
+
 SCHEMA_VERSION = 1
 DIMS: tuple[str, ...] = ("step", "layer", "head", "query_frame", "key_frame")
 METRICS: tuple[str, ...] = ("logits", "mass")
+TEXT_METRIC = "text_mass"
+TEXT_DIMS: tuple[str, ...] = ("step", "layer", "head", "query_frame", "text_token")
 
 # Attrs every extraction carries. Legacy imports fill what the seed files know and
 # write "unknown" for the rest.
@@ -47,7 +54,56 @@ REQUIRED_ATTRS: tuple[str, ...] = (
     "created",
 )
 
-MASKS: tuple[str, ...] = ("bidirectional", "block-causal")
+
+# Every provenance attr, in the order reports show it, with its group. One list for the
+# results record, the baseline diff, the run report and the comparison:
+# - "model": which weights were measured (expected to differ between two checkpoints);
+# - "probe": what was run on them: prompt, seed, geometry, sampler, mask and mode. Two
+#   extractions whose probes differ measure different things (the comparison warns);
+# - "software": device and library versions;
+# - "record": where and when the file was written (shown, never compared).
+PROVENANCE_ATTRS: dict[str, str] = {
+    "model_id": "model",
+    "checkpoint_layout": "model",
+    "checkpoint_fingerprint": "model",
+    "model_architecture": "model",
+    "prompt": "probe",
+    "negative_prompt": "probe",
+    "prompt_encoder": "probe",
+    "prompt_embedding_fingerprint": "probe",
+    "seed": "probe",
+    "height": "probe",
+    "width": "probe",
+    "num_frames": "probe",
+    "latent_frames": "probe",
+    "tokens_per_frame": "probe",
+    "temporal_stride": "probe",
+    "mode": "probe",
+    "mask": "probe",
+    "block_size": "probe",
+    "sample_steps": "probe",
+    "scheduler": "probe",
+    "guidance": "probe",
+    "shift": "probe",
+    "branch": "probe",
+    "dtype": "probe",
+    "device": "software",
+    "harness_version": "software",
+    "torch_version": "software",
+    "diffusers_version": "software",
+    "source": "record",
+    "checkpoint_path": "record",
+    "created": "record",
+}
+PROVENANCE_GROUPS: tuple[str, ...] = ("model", "probe", "software", "record")
+
+
+def provenance_keys(*groups: str) -> tuple[str, ...]:
+    """The provenance attrs of the given groups (all of them when none is named), in report order."""
+    unknown = set(groups) - set(PROVENANCE_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown provenance groups {sorted(unknown)}; groups are {list(PROVENANCE_GROUPS)}")
+    return tuple(key for key, group in PROVENANCE_ATTRS.items() if not groups or group in groups)
 
 
 def json_safe_attr(value: Any) -> str | int | float | list:
@@ -78,8 +134,17 @@ def build_dataset(
     timesteps: Sequence[float],
     layers: Sequence[int],
     attrs: Mapping[str, Any],
+    text_mass: np.ndarray | None = None,
+    text_content: Sequence[bool] | None = None,
+    text_strings: Sequence[str] | None = None,
 ) -> xr.Dataset:
-    """Assemble arrays shaped ``(step, layer, head, query_frame, key_frame)`` into the contract."""
+    """Assemble arrays shaped ``(step, layer, head, query_frame, key_frame)`` into the contract.
+
+    ``text_mass`` (optional) is shaped ``(step, layer, head, query_frame, text_token)``: the
+    cross-attention mass of each query frame on each text token; ``text_content`` marks the
+    tokens that carry the prompt (1) rather than padding (0), stored as an int8 coordinate;
+    ``text_strings`` (the token strings, where a tokenizer is known) become ``text_token_string``.
+    """
     unknown = set(variables) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown variables {sorted(unknown)}; expected some of {list(METRICS)}")
@@ -94,10 +159,20 @@ def build_dataset(
         "key_frame": np.arange(n_key, dtype=np.int64),
     }
     data_vars = {name: (DIMS, np.asarray(arr, dtype=np.float32)) for name, arr in variables.items()}
+    if text_mass is not None:
+        data_vars[TEXT_METRIC] = (TEXT_DIMS, np.asarray(text_mass, dtype=np.float32))
+        tokens = text_mass.shape[-1]
+        coords["text_token"] = np.arange(tokens, dtype=np.int64)
+        content = np.ones(tokens, dtype=np.int8) if text_content is None else np.asarray(text_content, dtype=np.int8)
+        coords["text_content"] = ("text_token", content)
+        if text_strings is not None:
+            coords["text_token_string"] = ("text_token", np.asarray(list(text_strings), dtype=str))
     ds = xr.Dataset(data_vars, coords=coords)
     ds["logits"].attrs["long_name"] = "block-mean pre-softmax attention logit"
     if "mass" in ds:
         ds["mass"].attrs["long_name"] = "softmax probability mass from query frame to key frame"
+    if TEXT_METRIC in ds:
+        ds[TEXT_METRIC].attrs["long_name"] = "cross-attention probability mass from query frame to text token"
     ds.attrs = {key: json_safe_attr(value) for key, value in attrs.items()}
     ds.attrs.setdefault("schema_version", SCHEMA_VERSION)
     return ds

@@ -43,6 +43,7 @@ class Tolerance:
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "logits": Tolerance(atol=1e-4, rtol=1e-4),
     "mass": Tolerance(atol=1e-5, rtol=1e-4),
+    "text_mass": Tolerance(atol=1e-5, rtol=1e-4),  # a probability, like mass
 }
 
 
@@ -235,6 +236,9 @@ class _Ctx:
             "int": isinstance(value, int) and not isinstance(value, bool),
             "number": isinstance(value, (int, float)) and not isinstance(value, bool),
             "str_list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+            "bool": isinstance(value, bool),
+            "number_list": isinstance(value, list) and len(value) > 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
             "steps": isinstance(value, list) and len(value) > 0
             and all((isinstance(v, int) and not isinstance(v, bool)) or v in ("first", "mid", "last") for v in value),
         }[kind]
@@ -244,6 +248,8 @@ class _Ctx:
                 "int": "an integer",
                 "number": "a number",
                 "str_list": "a list of strings",
+                "bool": "true or false",
+                "number_list": "a non-empty list of numbers",
                 "steps": "a list of step indices or first/mid/last",
             }[kind]
             raise self.fail(_line(mapping, key, line), f"{where}.{key} must be {what}; got {value!r}")
@@ -270,9 +276,14 @@ PROBE_KEYS: dict[str, tuple[str, str]] = {
     "metrics": ("metrics", "str_list"),
     "mode": ("mode", "str"),
     "prompt_embeds": ("prompt_embeds", "str"),
+    "sink_frames": ("sink_frames", "int"),
+    "window_frames": ("window_frames", "int"),
+    "denoising_timesteps": ("denoising_timesteps", "number_list"),
+    "warp_timesteps": ("warp_timesteps", "bool"),
+    "capture_timesteps": ("capture_timesteps", "number_list"),
 }
 SPEC_KEYS = ("name", "description", "model", "base_model", "probe", "layers", "baseline", "marks")
-BASELINE_KEYS = ("file", "layers", "logits", "mass", "cross_env")
+BASELINE_KEYS = ("file", "layers", "logits", "mass", "text_mass", "cross_env")
 
 
 def parse_layers(value: Any) -> str | tuple[int, ...]:
@@ -360,6 +371,9 @@ def _groups(ctx: _Ctx, layers: Any, line: int) -> tuple[LayerGroup, ...]:
 
 def _probe(ctx: _Ctx, raw: Any, line: int, layers: str | tuple[int, ...]) -> Probe:
     raw = {} if raw is None else ctx.mapping(raw, "probe", line, PROBE_KEYS)
+    if "capture_steps" in raw and "capture_timesteps" in raw:
+        raise ctx.fail(_line(raw, "capture_timesteps", line),
+                       "probe: give capture_steps or capture_timesteps, not both (capture_timesteps replaces capture_steps)")
     fields: dict[str, Any] = {}
     for key, (field_name, kind) in PROBE_KEYS.items():
         if key in raw:

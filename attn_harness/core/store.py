@@ -17,9 +17,9 @@ import xarray as xr
 
 from attn_harness.core.atomic import atomic_path
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.frames import hidden_cells
+from attn_harness.core.frames import hidden_cells, mask_params
 from attn_harness.core.h5read import read_plain
-from attn_harness.core.schema import DIMS, MASKS, REQUIRED_ATTRS, json_safe_attr
+from attn_harness.core.schema import DIMS, MASKS, REQUIRED_ATTRS, TEXT_DIMS, TEXT_METRIC, json_safe_attr
 
 ENGINE = "h5netcdf"
 # zlib level 4 with byte shuffle: most of the gain of level 9 on float32 at a fraction of the time.
@@ -92,6 +92,9 @@ def dataset_summary(ds: xr.Dataset) -> str:
     mask = attrs.get("mask", "unknown")
     if mask == "block-causal":
         mask = f"block-causal (block size {attrs.get('block_size', 'unknown')})"
+    elif mask == "sink-window":
+        mask = (f"sink-window (block size {attrs.get('block_size', 'unknown')}, sink {attrs.get('sink_frames', 0)} "
+                f"frames, window {attrs.get('window_frames', 0)} frames)")
     variables = ", ".join(sorted(ds.data_vars))
     return (
         f"Attention extraction of {attrs.get('model_id', 'unknown model')} "
@@ -138,13 +141,15 @@ def _problems(ds: xr.Dataset) -> list[str]:
     problems: list[str] = []
     good_vars = _variable_problems(ds, problems)
     coords_ok = _coord_problems(ds, problems)
-    mask, block_size = _attr_problems(ds, problems)
+    params = _attr_problems(ds, problems)
     if coords_ok:  # value checks name locations by coordinate, so they need sound coords
-        masked = _masked_cells(ds, mask, block_size) if mask is not None else None
+        masked = _masked_cells(ds, params) if params is not None else None
         if "logits" in good_vars:
-            _logits_value_problems(ds["logits"], masked, mask, block_size, problems)
+            _logits_value_problems(ds["logits"], masked, params, problems)
         if "mass" in good_vars:
             _mass_value_problems(ds["mass"], masked, problems)
+        if TEXT_METRIC in good_vars:
+            _text_mass_value_problems(ds[TEXT_METRIC], problems)
     return problems
 
 
@@ -153,13 +158,13 @@ def _variable_problems(ds: xr.Dataset, problems: list[str]) -> set[str]:
     if "logits" not in ds.data_vars:
         problems.append(f"missing variable 'logits' (found variables {sorted(map(str, ds.data_vars))})")
     good = set()
-    for name in ("logits", "mass"):
+    for name, dims in (("logits", DIMS), ("mass", DIMS), (TEXT_METRIC, TEXT_DIMS)):
         if name not in ds.data_vars:
             continue
         var = ds[name]
         ok = True
-        if var.dims != DIMS:
-            problems.append(f"{name} has dims {var.dims}; expected exactly {DIMS}")
+        if var.dims != dims:
+            problems.append(f"{name} has dims {var.dims}; expected exactly {dims}")
             ok = False
         if var.dtype != np.float32:
             problems.append(f"{name} has dtype {var.dtype}; expected float32")
@@ -172,7 +177,7 @@ def _variable_problems(ds: xr.Dataset, problems: list[str]) -> set[str]:
 def _coord_problems(ds: xr.Dataset, problems: list[str]) -> bool:
     """Check the index coords and ``timestep``; return whether the index coords are sound."""
     before = len(problems)
-    for name in INDEX_COORDS:
+    for name in INDEX_COORDS + (("text_token",) if TEXT_METRIC in ds.data_vars else ()):
         if name not in ds.coords:
             problems.append(f"missing coordinate '{name}'")
             continue
@@ -206,8 +211,8 @@ def _coord_problems(ds: xr.Dataset, problems: list[str]) -> bool:
     return index_ok
 
 
-def _attr_problems(ds: xr.Dataset, problems: list[str]) -> tuple[str | None, int]:
-    """Check the required attrs; return (mask, block_size), mask None when unusable."""
+def _attr_problems(ds: xr.Dataset, problems: list[str]) -> dict | None:
+    """Check the required attrs; return the mask parameters (``frames.mask_params``), None when unusable."""
     missing = [key for key in REQUIRED_ATTRS if key not in ds.attrs]
     if missing:
         problems.append(f"missing attrs {missing}")
@@ -218,35 +223,54 @@ def _attr_problems(ds: xr.Dataset, problems: list[str]) -> tuple[str | None, int
     block_ok = isinstance(block_size, (int, np.integer)) and not isinstance(block_size, bool) and block_size >= 1
     if "block_size" in ds.attrs and not block_ok:
         problems.append(f"attr block_size is {block_size!r}; expected a positive integer")
-    usable = mask in MASKS and (mask != "block-causal" or block_ok)
-    return (mask if usable else None), (int(block_size) if block_ok else 0)
+    windows_ok = True
+    for key in ("sink_frames", "window_frames"):
+        value = ds.attrs.get(key, 0)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            problems.append(f"attr {key} is {value!r}; expected an integer >= 0")
+            windows_ok = False
+    usable = mask in MASKS and (mask == "bidirectional" or block_ok) and (mask != "sink-window" or windows_ok)
+    return mask_params(ds.attrs) if usable else None
 
 
-def _masked_cells(ds: xr.Dataset, mask: str, block_size: int) -> xr.DataArray:
-    """True where the mask hides key frame b from query frame a (block-causal: b's block > a's)."""
-    return hidden_cells(ds, mask, block_size).transpose("query_frame", "key_frame")
+def _masked_cells(ds: xr.Dataset, params: dict) -> xr.DataArray:
+    """True where the mask hides key frame b from query frame a (``frames.hidden_cells``)."""
+    return hidden_cells(ds, **params).transpose("query_frame", "key_frame")
+
+
+def _mask_text(params: dict) -> str:
+    text = f"the {params['mask']} mask (block_size={params['block_size']}"
+    if params["mask"] == "sink-window":
+        text += f", sink_frames={params['sink_frames']}, window_frames={params['window_frames']}"
+    return text + ")"
 
 
 def _logits_value_problems(
-    logits: xr.DataArray, masked: xr.DataArray | None, mask: str | None, block_size: int, problems: list[str]
+    logits: xr.DataArray, masked: xr.DataArray | None, params: dict | None, problems: list[str]
 ) -> None:
     """No inf anywhere; NaN exactly on the masked cells (skipped when the mask is unknown)."""
     _report(problems, np.isinf(logits), "logits has inf at {where}")
     nan = logits.isnull()
     if masked is None:
         return
-    if mask == "bidirectional":
+    if params["mask"] == "bidirectional":
         _report(problems, nan, "logits has NaN at {where} but mask is 'bidirectional'")
         return
-    _report(
-        problems, nan & ~masked,
-        f"logits has NaN at {{where}}, a cell the block-causal mask (block_size={block_size}) leaves visible",
-    )
+    _report(problems, nan & ~masked, f"logits has NaN at {{where}}, a cell {_mask_text(params)} leaves visible")
     _report(
         problems, ~nan & masked,
-        f"logits has a value at {{where}}, a cell the block-causal mask (block_size={block_size}) hides "
-        "(masked cells must be NaN)",
+        f"logits has a value at {{where}}, a cell {_mask_text(params)} hides (masked cells must be NaN)",
     )
+
+
+def _text_mass_value_problems(text_mass: xr.DataArray, problems: list[str]) -> None:
+    """Finite, within [0, 1], each query frame's mass over the text tokens summing to 1."""
+    finite = np.isfinite(text_mass)
+    _report(problems, ~finite, "text_mass is not finite at {where}")
+    _report(problems, finite & ((text_mass < 0) | (text_mass > 1 + MASS_RANGE_TOLERANCE)), "text_mass is outside [0, 1] at {where}")
+    row_sum = text_mass.astype(np.float64).sum("text_token", skipna=False)
+    _report(problems, np.abs(row_sum - 1) > MASS_ROW_TOLERANCE,
+            f"text_mass over the text tokens does not sum to 1 (within {MASS_ROW_TOLERANCE}) at {{where}}")
 
 
 def _mass_value_problems(mass: xr.DataArray, masked: xr.DataArray | None, problems: list[str]) -> None:

@@ -12,7 +12,9 @@ section 3 without ever materialising the token x token matrix:
 computes (same ops in the same order, so the fp32 output is bitwise identical) and hands q
 and k to a ``Recorder``. Under a frame mask it also restricts the model's own attention to
 the allowed key frames, one dense attention call per group of query frames that share a
-mask row, so the model computes what a block-causal checkpoint computes.
+mask row, so the model computes what a block-causal (or sink + window) checkpoint computes.
+``TextCaptureProcessor`` does the same for the text cross-attention (``attn2``) and records
+``text_stats``: per query frame, the softmax mass on each text token.
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, _get_qkv_projections
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from attn_harness.core.errors import HarnessError
+from attn_harness.model.kernels import triton_available
+from attn_harness.model.kernels.framesums import frame_sums
+from attn_harness.model.wan_attention import WanProcessorBase, apply_rotary, project_out, project_qkv
 
 STAT_DTYPE = torch.float32
 DEFAULT_QUERY_CHUNK_TOKENS = 8192
+FRAME_METRICS: tuple[str, ...] = ("logits", "mass")
+TEXT_METRIC = "text_mass"
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int) -> int:
@@ -115,13 +121,17 @@ def frame_stats(
     mask: torch.Tensor | None = None,
     metrics: Sequence[str] = ("logits", "mass"),
     chunk_tokens: int = DEFAULT_QUERY_CHUNK_TOKENS,
+    lse: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Frame x frame ``logits`` and ``mass`` of one attention call, float32 ``[batch, heads, qf, kf]``.
 
     ``q`` and ``k`` are post-RoPE ``[batch, tokens, heads, head_dim]`` with tokens frame-major;
     ``mask`` is bool ``[query_frame, key_frame]`` (True = may attend). Masked cells: logits NaN,
-    mass 0. Queries are processed ``chunk_tokens`` at a time (whole frames), so memory stays
-    linear in the token count whatever attention kernel runs.
+    mass 0. The logits need only per-frame sums of q and k (float32, no copy of q or k). On
+    CUDA with Triton the mass comes from the kernels of ``kernels.mass`` (one pass over the
+    keys when ``lse``, the row logsumexp ``[batch, heads, tokens]`` of the model's own call, is
+    given; two otherwise); elsewhere from float32 SDPA with one-hot values, queries
+    ``chunk_tokens`` at a time (whole frames). Memory stays linear in the token count.
     """
     num_frames = _check_qk(q, k, tokens_per_frame)
     unknown = set(metrics) - {"logits", "mass"}
@@ -131,18 +141,58 @@ def frame_stats(
         mask = mask.to(device=q.device)
     out: dict[str, torch.Tensor] = {}
     if "logits" in metrics:
-        q_mean = q.to(STAT_DTYPE).unflatten(1, (num_frames, tokens_per_frame)).mean(2)
-        k_mean = k.to(STAT_DTYPE).unflatten(1, (num_frames, tokens_per_frame)).mean(2)
+        q_mean = frame_sums(q, tokens_per_frame) / tokens_per_frame
+        k_mean = frame_sums(k, tokens_per_frame) / tokens_per_frame
         logits = torch.einsum("bahd,bchd->bhac", q_mean, k_mean) / math.sqrt(q.shape[-1])
         out["logits"] = logits if mask is None else logits.masked_fill(~mask, float("nan"))
     if "mass" in metrics:
-        out["mass"] = _mass(q, k, tokens_per_frame, mask_groups(mask, num_frames), chunk_tokens)
+        groups = mask_groups(mask, num_frames)
+        if q.is_cuda and triton_available():
+            from attn_harness.model.kernels.mass import frame_mass  # imports Triton
+
+            out["mass"] = frame_mass(q, k, tokens_per_frame, groups, lse=lse)
+        else:
+            out["mass"] = _mass(q, k, tokens_per_frame, groups, chunk_tokens)
+    return out
+
+
+def text_stats(
+    q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, *, chunk_tokens: int = DEFAULT_QUERY_CHUNK_TOKENS
+) -> torch.Tensor:
+    """Cross-attention ``text_mass``, float32 ``[batch, heads, query_frame, text_token]``.
+
+    ``text_mass[a, t]`` = mean over the query tokens i of frame a of softmax_t(q_i . k_t / sqrt(d)):
+    the share of frame a's text attention that lands on text token t (rows sum to 1). ``q`` is
+    ``[batch, video tokens, heads, d]`` frame-major, ``k`` ``[batch, text tokens, heads, d]``.
+    Exact softmax, one head and ``chunk_tokens`` queries (whole frames) at a time.
+    """
+    if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q and k must be [batch, tokens, heads, head_dim] with equal batch, heads and head_dim; "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    if tokens_per_frame < 1 or q.shape[1] % tokens_per_frame:
+        raise ValueError(f"token count {q.shape[1]} is not a multiple of tokens_per_frame={tokens_per_frame}")
+    batch, tokens, heads, head_dim = q.shape
+    num_frames = tokens // tokens_per_frame
+    frames_per_chunk = max(1, chunk_tokens // tokens_per_frame)
+    out = torch.empty(batch, heads, num_frames, k.shape[1], dtype=STAT_DTYPE, device=q.device)
+    scale = 1.0 / math.sqrt(head_dim)
+    for head in range(heads):
+        keys = k[:, :, head].to(STAT_DTYPE)
+        for f0 in range(0, num_frames, frames_per_chunk):
+            f1 = min(f0 + frames_per_chunk, num_frames)
+            queries = q[:, f0 * tokens_per_frame : f1 * tokens_per_frame, head].to(STAT_DTYPE)
+            probs = torch.softmax(torch.einsum("bnd,btd->bnt", queries, keys) * scale, dim=-1)
+            out[:, head, f0:f1] = probs.unflatten(1, (f1 - f0, tokens_per_frame)).mean(2)
     return out
 
 
 @dataclass
 class Recorder:
-    """Collects frame statistics per (step, layer) while ``active``; state lives here, not in kwargs."""
+    """Collects frame statistics per (step, layer) while ``active``; state lives here, not in kwargs.
+
+    ``metrics`` may hold the self-attention statistics (``logits``, ``mass``) and ``text_mass``,
+    the cross-attention mass over text tokens (kept in ``text_records``).
+    """
 
     tokens_per_frame: int
     metrics: tuple[str, ...] = ("logits", "mass")
@@ -150,32 +200,34 @@ class Recorder:
     active: bool = False
     step: int = 0
     records: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    text_records: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def frame_metrics(self) -> tuple[str, ...]:
+        return tuple(m for m in self.metrics if m in FRAME_METRICS)
+
+    @property
+    def wants_text(self) -> bool:
+        return TEXT_METRIC in self.metrics
 
     def record(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         if not self.active:
             return
         if (self.step, layer) in self.records:
             raise RuntimeError(f"layer {layer} captured twice at step {self.step}")
-        stats = frame_stats(q, k, self.tokens_per_frame, mask=self.mask, metrics=self.metrics)
+        stats = frame_stats(q, k, self.tokens_per_frame, mask=self.mask, metrics=self.frame_metrics)
         self.records[(self.step, layer)] = {name: value.detach().cpu() for name, value in stats.items()}
 
-
-def apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved RoPE, in the same op order as diffusers so results are bitwise equal."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+    def record_text(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        if not self.active:
+            return
+        if (self.step, layer) in self.text_records:
+            raise RuntimeError(f"layer {layer} cross-attention captured twice at step {self.step}")
+        self.text_records[(self.step, layer)] = text_stats(q, k, self.tokens_per_frame).detach().cpu()
 
 
-class CaptureProcessor:
+class CaptureProcessor(WanProcessorBase):
     """Self-attention processor for one Wan block: stock math, optional frame mask, optional capture."""
-
-    _attention_backend = None
-    _parallel_config = None
 
     def __init__(self, layer: int, recorder: Recorder, *, capture: bool = True) -> None:
         self.layer = layer
@@ -183,42 +235,20 @@ class CaptureProcessor:
         self.capture = capture
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if encoder_hidden_states is not None or attn.add_k_proj is not None:
-            raise HarnessError("CaptureProcessor is for self-attention (attn1) of text-to-video Wan blocks only")
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
+        if encoder_hidden_states is not None:
+            raise HarnessError("CaptureProcessor is for self-attention (attn1) of Wan blocks only")
+        query, key, value = project_qkv(attn, hidden_states)
         if rotary_emb is not None:
             query = apply_rotary(query, *rotary_emb)
             key = apply_rotary(key, *rotary_emb)
 
         if self.recorder.mask is None:
-            hidden_states = self._attend(query, key, value, attention_mask)
+            hidden_states = self.attend(query, key, value, attention_mask)
         else:
             hidden_states = self._attend_masked(query, key, value)
         if self.capture:
             self.recorder.record(self.layer, query, key)
-
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.type_as(query)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        return hidden_states
-
-    def _attend(self, query, key, value, attention_mask=None):
-        return dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
+        return project_out(attn, hidden_states, query)
 
     def _attend_masked(self, query, key, value):
         """Dense attention per group of query frames over its allowed key frames (no N x N mask)."""
@@ -228,13 +258,30 @@ class CaptureProcessor:
         for query_frames, key_frames in mask_groups(self.recorder.mask, num_frames):
             q_index = _token_index(query_frames, tpf, query.device)
             k_index = _token_index(key_frames, tpf, key.device)
-            result = self._attend(_take(query, q_index), _take(key, k_index), _take(value, k_index))
+            result = self.attend(_take(query, q_index), _take(key, k_index), _take(value, k_index))
             out[:, q_index] = result.to(out.dtype)
         return out
 
 
-def self_attention_modules(model: WanTransformer3DModel) -> list:
-    return [block.attn1 for block in model.blocks]
+class TextCaptureProcessor(WanProcessorBase):
+    """Cross-attention (``attn2``) processor: stock math, and the text mass of each query frame."""
+
+    def __init__(self, layer: int, recorder: Recorder) -> None:
+        self.layer = layer
+        self.recorder = recorder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is None:
+            raise HarnessError("TextCaptureProcessor is for the text cross-attention (attn2) of Wan blocks only")
+        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
+        hidden_states = self.attend(query, key, value, attention_mask, cross=True)
+        self.recorder.record_text(self.layer, query, key)
+        return project_out(attn, hidden_states, query)
+
+
+def attention_modules(model: WanTransformer3DModel, attribute: str = "attn1") -> list:
+    """Every block's ``attn1`` (self-attention) or ``attn2`` (text cross-attention)."""
+    return [getattr(block, attribute) for block in model.blocks]
 
 
 @contextmanager
@@ -246,9 +293,10 @@ def capture(
     """Install capture processors on ``attn1`` of ``layers`` and restore the originals on exit.
 
     With ``recorder.mask`` set, every block gets a masking processor (capturing only on
-    ``layers``), so the whole model runs block-causal.
+    ``layers``), so the whole model runs under the mask. With ``text_mass`` among the
+    recorder's metrics, ``attn2`` of ``layers`` gets a text-capturing processor too.
     """
-    count = len(self_attention_modules(model))
+    count = len(attention_modules(model))
     bad = [layer for layer in layers if not 0 <= layer < count]
     if bad:
         raise HarnessError(f"layer(s) {bad} out of range: this model has {count} layers (0-{count - 1})")
@@ -259,14 +307,19 @@ def capture(
             return CaptureProcessor(index, recorder, capture=index in chosen)
         return None
 
-    with processors_installed(model, processor):
+    def text_processor(index: int) -> TextCaptureProcessor | None:
+        return TextCaptureProcessor(index, recorder) if recorder.wants_text and index in chosen else None
+
+    with processors_installed(model, processor), processors_installed(model, text_processor, "attn2"):
         yield recorder
 
 
 @contextmanager
-def processors_installed(model: WanTransformer3DModel, make: Callable[[int], object | None]) -> Iterator[None]:
-    """Give block i's ``attn1`` the processor ``make(i)`` (None keeps the stock one); restore all on exit."""
-    modules = self_attention_modules(model)
+def processors_installed(
+    model: WanTransformer3DModel, make: Callable[[int], object | None], attribute: str = "attn1"
+) -> Iterator[None]:
+    """Give block i's ``attribute`` module the processor ``make(i)`` (None keeps the stock one); restore all on exit."""
+    modules = attention_modules(model, attribute)
     originals = [module.processor for module in modules]
     try:
         for index, module in enumerate(modules):

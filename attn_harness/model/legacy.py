@@ -27,7 +27,7 @@ from attn_harness.core.errors import HarnessError
 from attn_harness.core.fingerprint import sha256_file
 from attn_harness.core.frames import block_causal_mask
 from attn_harness.core.metrics import default_query_frames
-from attn_harness.core.schema import MASKS, build_dataset
+from attn_harness.core.schema import LEGACY_MASKS, build_dataset
 from attn_harness.core.store import validate
 
 REQUIRED_KEYS: tuple[str, ...] = (
@@ -54,8 +54,8 @@ def import_legacy(path: str | os.PathLike, mask: str = "auto") -> xr.Dataset:
     ``bidirectional``; ``"bidirectional"`` or ``"block-causal"`` force the choice. Masked
     cells become NaN.
     """
-    if mask not in ("auto", *MASKS):
-        raise HarnessError(f"mask must be 'auto' or one of {list(MASKS)}; got {mask!r}")
+    if mask not in ("auto", *LEGACY_MASKS):
+        raise HarnessError(f"mask must be 'auto' or one of {list(LEGACY_MASKS)}; got {mask!r}")
     path = Path(path)
     data = _load(path)
     missing = [key for key in REQUIRED_KEYS if key not in data]

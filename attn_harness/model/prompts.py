@@ -195,9 +195,20 @@ class UMT5PromptEncoder:
         except ImportError as err:
             raise HarnessError(f"{self.encoder_dir}: encoding prompts needs transformers: {TEXT_EXTRA}") from err
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # umT5 overflows in float16
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
+        _, tokens = self._tokenize(AutoTokenizer, prompt)
         encoder = self.load_encoder(dtype).to(self.device).eval()
-        tokens = tokenizer(
+        with torch.inference_mode():
+            hidden = encoder(tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)).last_hidden_state
+        length = int(tokens.attention_mask.gt(0).sum())
+        embedding = torch.zeros(1, self.text_tokens, hidden.shape[-1])
+        embedding[:, :length] = hidden[:, :length].float().cpu()
+        self.calls += 1
+        return embedding
+
+    def _tokenize(self, tokenizer_class, prompt: str):
+        """(tokenizer, ids and attention mask padded to ``text_tokens``), as diffusers' Wan pipeline tokenizes."""
+        tokenizer = tokenizer_class.from_pretrained(self.tokenizer_dir, local_files_only=True)
+        return tokenizer, tokenizer(
             clean_prompt(prompt),
             padding="max_length",
             max_length=self.text_tokens,
@@ -206,13 +217,13 @@ class UMT5PromptEncoder:
             return_attention_mask=True,
             return_tensors="pt",
         )
-        with torch.inference_mode():
-            hidden = encoder(tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)).last_hidden_state
-        length = int(tokens.attention_mask.gt(0).sum())
-        embedding = torch.zeros(1, self.text_tokens, hidden.shape[-1])
-        embedding[:, :length] = hidden[:, :length].float().cpu()
-        self.calls += 1
-        return embedding
+
+    def token_strings(self, prompt: str) -> list[str]:
+        """The ``text_tokens`` token strings the encoder sees for ``prompt`` (padding included)."""
+        from transformers import AutoTokenizer
+
+        tokenizer, tokens = self._tokenize(AutoTokenizer, prompt)
+        return [str(token) for token in tokenizer.convert_ids_to_tokens(tokens.input_ids[0].tolist())]
 
     def load_encoder(self, dtype: torch.dtype):
         """The transformers ``UMT5EncoderModel`` of a diffusers ``text_encoder/`` dir."""

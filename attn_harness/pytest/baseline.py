@@ -13,7 +13,8 @@ A baseline records the environment class it was made in (``cpu-float32``, ``cuda
 Nothing is loosened silently: every message names the file and the tolerance used. ``compare``
 checks dims and coords first, then values with explicit per-variable ``atol``/``rtol``, and
 explains a difference: the provenance that differs, then per variable how many cells differ,
-the largest absolute and relative differences with their locations, the worst cells.
+the largest absolute and relative differences with their locations, the worst cells
+(``variable_differences``: the same as data for results.json).
 
 Regeneration (the pytest-regressions options): a missing baseline is written and the item
 fails; ``--force-regen`` rewrites the current class's file when it differs (the item still
@@ -23,7 +24,7 @@ that decides them is unchanged, and ``RegenSummary`` says how many it rewrote an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,16 +33,15 @@ import pytest
 import xarray as xr
 
 from attn_harness.core import store
-from attn_harness.core.drift import differences, location, structure_differences
+from attn_harness.core.drift import structure_differences as _structure_differences
 from attn_harness.core.environment import class_of
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.results import VariableDiff, finite_or_text
+from attn_harness.core.schema import provenance_keys
 from attn_harness.core.spec import Tolerance
 
-PROVENANCE_ATTRS: tuple[str, ...] = (
-    "checkpoint_fingerprint", "model_id", "dtype", "device", "environment_class", "device_name", "cpu_capability",
-    "torch_version", "diffusers_version", "harness_version", "prompt", "seed", "height", "width", "num_frames", "mask",
-    "block_size", "sample_steps", "guidance", "shift", "branch",
-)
+# What a baseline records about the run that a difference may come from (not where or when).
+PROVENANCE_ATTRS: tuple[str, ...] = ("environment_class", *provenance_keys("model", "probe", "software"))
 # What the numbers are of: a change here makes --regen-all rewrite a baseline even when the
 # values happen to agree. Versions, threads and timestamps are not: they only move values
 # within the tolerance (if they move them beyond it, the values say so).
@@ -84,44 +84,88 @@ def provenance_differences(expected: xr.Dataset, obtained: xr.Dataset, keys: tup
     return lines
 
 
-def _value_differences(name: str, expected: xr.DataArray, obtained: xr.DataArray, tol: Tolerance) -> list[str]:
+def _where(da: xr.DataArray, flat_index: int) -> dict[str, int]:
+    index = np.unravel_index(flat_index, da.shape)
+    return {dim: int(da[dim].values[i]) for dim, i in zip(da.dims, index)}
+
+
+def _location_text(location: Mapping[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in location.items())
+
+
+def variable_difference(name: str, expected: xr.DataArray, obtained: xr.DataArray, tol: Tolerance) -> VariableDiff:
+    """Cells of one variable beyond ``atol + rtol * |baseline|`` (or NaN in one only), the largest
+    absolute and relative differences with their locations, and the worst cells."""
     obtained = obtained.transpose(*expected.dims)
     exp = expected.values.astype(np.float64)
     obt = obtained.values.astype(np.float64)
-    abs_diff, rel_diff, nan_mismatch = differences(expected, obtained)
-    bad = nan_mismatch | (abs_diff > tol.atol + tol.rtol * np.abs(np.nan_to_num(exp)))
-    count = int(bad.sum())
-    if count == 0:
+    exp_nan, obt_nan = np.isnan(exp), np.isnan(obt)
+    abs_diff = np.where(exp_nan | obt_nan, 0.0, np.abs(obt - exp))
+    bad = (exp_nan != obt_nan) | (abs_diff > tol.atol + tol.rtol * np.abs(np.nan_to_num(exp)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_diff = np.where(np.abs(exp) > 0, abs_diff / np.abs(exp), 0.0)
+    abs_at, rel_at = int(np.argmax(abs_diff)), int(np.argmax(rel_diff))
+    severity = np.where(exp_nan != obt_nan, np.inf, abs_diff)
+    worst = [int(i) for i in np.argsort(-severity, axis=None, kind="stable")[:WORST_CELLS] if bad.flat[i]]
+    return VariableDiff(
+        variable=name, cells=int(bad.size), beyond=int(bad.sum()), share=float(bad.mean()) if bad.size else 0.0,
+        nan_mismatch=int((exp_nan != obt_nan).sum()), atol=tol.atol, rtol=tol.rtol,
+        max_abs=_cell(expected, abs_diff, abs_at, exp, obt), max_rel=_cell(expected, rel_diff, rel_at, exp, obt),
+        worst=[
+            {"location": _where(expected, i), "baseline": finite_or_text(exp.flat[i]),
+             "obtained": finite_or_text(obt.flat[i]), "abs_diff": finite_or_text(abs_diff.flat[i])}
+            for i in worst
+        ],
+    )
+
+
+def _cell(da: xr.DataArray, diffs: np.ndarray, flat: int, exp: np.ndarray, obt: np.ndarray) -> dict:
+    return {"value": finite_or_text(diffs.flat[flat]), "location": _where(da, flat),
+            "baseline": finite_or_text(exp.flat[flat]), "obtained": finite_or_text(obt.flat[flat])}
+
+
+def variable_differences(
+    expected: xr.Dataset, obtained: xr.Dataset, tolerances: Mapping[str, Tolerance]
+) -> list[VariableDiff]:
+    """One :class:`VariableDiff` per variable (empty when dims or coords differ)."""
+    if _structure_differences(expected, obtained):
+        return []
+    return [
+        variable_difference(name, expected[name], obtained[name], tolerances[name]) for name in sorted(expected.data_vars)
+    ]
+
+
+def _value_differences(diff: VariableDiff, dims: Sequence[str]) -> list[str]:
+    if diff.beyond == 0:
         return []
     lines = [
-        f"{name}: {count} of {bad.size} cells differ ({count / bad.size:.2%}) beyond atol={tol.atol:g} rtol={tol.rtol:g}"
+        f"{diff.variable}: {diff.beyond} of {diff.cells} cells differ ({diff.share:.2%}) "
+        f"beyond atol={diff.atol:g} rtol={diff.rtol:g}"
     ]
-    if nan_mismatch.any():
-        lines.append(f"  {int(nan_mismatch.sum())} cells are NaN in one and not the other")
-    for label, diffs in (("abs", abs_diff), ("rel", rel_diff)):
-        flat = int(np.argmax(diffs))
-        where = " ".join(f"{k}={v}" for k, v in location(expected, flat).items())
+    if diff.nan_mismatch:
+        lines.append(f"  {diff.nan_mismatch} cells are NaN in one and not the other")
+    for label, cell in (("abs", diff.max_abs), ("rel", diff.max_rel)):
         lines.append(
-            f"  max {label} diff {diffs.flat[flat]:.6g} at {where} (baseline {exp.flat[flat]:.6g}, obtained {obt.flat[flat]:.6g})"
+            f"  max {label} diff {float(cell['value']):.6g} at {_location_text(cell['location'])} "
+            f"(baseline {float(cell['baseline']):.6g}, obtained {float(cell['obtained']):.6g})"
         )
-    severity = np.where(nan_mismatch, np.inf, abs_diff)
-    worst = [i for i in np.argsort(-severity, axis=None, kind="stable")[:WORST_CELLS] if bad.flat[i]]
-    header = "".join(f"{d:>12}" for d in expected.dims) + f"{'baseline':>13}{'obtained':>13}{'abs diff':>12}"
+    header = "".join(f"{d:>12}" for d in dims) + f"{'baseline':>13}{'obtained':>13}{'abs diff':>12}"
     lines += ["  worst cells:", f"  {header}"]
-    for i in worst:
-        loc = location(expected, int(i))
-        row = "".join(f"{loc[d]:>12}" for d in expected.dims)
-        lines.append(f"  {row}{exp.flat[i]:>13.6g}{obt.flat[i]:>13.6g}{abs_diff.flat[i]:>12.3g}")
+    for cell in diff.worst:
+        row = "".join(f"{cell['location'][d]:>12}" for d in dims)
+        lines.append(
+            f"  {row}{float(cell['baseline']):>13.6g}{float(cell['obtained']):>13.6g}{float(cell['abs_diff']):>12.3g}"
+        )
     return lines
 
 
 def compare(expected: xr.Dataset, obtained: xr.Dataset, tolerances: Mapping[str, Tolerance]) -> list[str]:
     """Lines explaining how ``obtained`` differs from ``expected``; empty when it matches."""
-    structure = structure_differences(expected, obtained)
+    structure = _structure_differences(expected, obtained)
     values: list[str] = []
     if not structure:
-        for name in sorted(expected.data_vars):
-            values += _value_differences(name, expected[name], obtained[name], tolerances[name])
+        for diff in variable_differences(expected, obtained, tolerances):
+            values += _value_differences(diff, expected[diff.variable].dims)
     if not structure and not values:
         return []
     provenance = provenance_differences(expected, obtained)
@@ -290,7 +334,7 @@ def _no_baseline_for_class(expected: xr.Dataset, obtained: xr.Dataset, path: Pat
         f"{run_class} variant ({variant}) nor a cross-environment tolerance in the spec. Add either:",
         f"  - a variant for {run_class}: {regen_command} --force-regen (writes {variant}; review and commit it)",
         f"  - a cross-environment tolerance at {spec_location}, chosen from the measured drift in docs/numerics.md, e.g.",
-        "      baseline: {cross_env: {logits: {atol: 1e-3, rtol: 1e-3}, mass: {atol: 5e-4, rtol: 1e-3}}}",
+        "      baseline: {cross_env: {logits: {atol: 1e-3, rtol: 1e-4}, mass: {atol: 5e-4, rtol: 1e-4}}}",
         f"for information, against the {base_class} baseline with the {run_class} tolerance ({tolerance_text(tolerances)}):",
         *(f"  {line}" for line in drift), *([] if drift else ["  within it"]),
     ])

@@ -12,10 +12,9 @@ pytest-regressions, whose semantics the baseline items follow.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,15 @@ import pytest
 
 import attn_harness
 from attn_harness.pytest import baseline as baseline_mod
-from attn_harness.core import catalog, checks
-from attn_harness.core.atomic import write_atomic
+from attn_harness.core import catalog, checks, store
+from attn_harness.core.results import CheckRecord, Results, RunInfo, SpecInfo
+from attn_harness.core.schema import provenance_keys
 from attn_harness.sampling.cache import DEFAULT_DIR, ExtractionCache
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import Probe
 from attn_harness.core.spec import PropertyCheck, Spec, SpecError, load_specs, resolve_model
 
 SPEC_SUFFIXES = (".yaml", ".yml")
-PROVENANCE_KEYS = (
-    "model_id", "checkpoint_path", "checkpoint_layout", "checkpoint_fingerprint", "prompt_encoder",
-    "dtype", "device", "mask", "mode", "block_size",
-    "harness_version", "torch_version", "diffusers_version", "created",
-)
 
 
 class AttnCheckWarning(UserWarning):
@@ -53,8 +48,9 @@ class _State:
     cache: ExtractionCache
     started: float = field(default_factory=time.time)
     loaded: dict[str, Any] = field(default_factory=dict)  # spec key -> (ds, path) or HarnessError
-    records: dict[str, dict] = field(default_factory=dict)  # nodeid -> record (controller)
-    specs: dict[str, dict] = field(default_factory=dict)  # spec name -> spec entry (controller)
+    records: dict[str, CheckRecord] = field(default_factory=dict)  # nodeid -> record (controller)
+    specs: dict[str, SpecInfo] = field(default_factory=dict)  # spec name -> spec entry (controller)
+    report_path: Path | None = None
 
     def dataset(self, spec: Spec, source: str, base_model: str | None, probe: Probe):
         key = f"{spec.file}::{spec.name}"
@@ -241,11 +237,11 @@ class _SpecItem(pytest.Item):
             raise HarnessError(f"spec {self.spec.name!r} has no usable model")
         state = self.config.stash[_STATE]
         ds, path = state.dataset(self.spec, self.spec_node.source, self.spec_node.base_model, self.spec_node.probe)
-        self.outcome["spec_entry"] = {
-            "spec": self.spec.name, "file": self.spec.file, "line": self.spec.line, "model": self.spec_node.source,
-            "probe": self.spec.probe.as_dict(), "dataset": str(path),
-            "provenance": {key: ds.attrs.get(key) for key in PROVENANCE_KEYS},
-        }
+        self.outcome["spec_entry"] = SpecInfo(
+            spec=self.spec.name, file=self.spec.file, line=self.spec.line, model=self.spec_node.source,
+            probe=self.spec.probe.as_dict(), dataset=str(path),
+            provenance={key: ds.attrs[key] for key in provenance_keys() if key in ds.attrs},
+        )
         return ds
 
     def setup(self) -> None:
@@ -258,12 +254,9 @@ class _SpecItem(pytest.Item):
             return f"{self.spec.file}:{self.spec.line}: spec {self.spec.name!r}: {excinfo.value}"
         return super().repr_failure(excinfo, style=style)
 
-    def base_record(self) -> dict:
-        return {
-            "nodeid": self.nodeid, "spec": self.spec.name, "file": self.spec.file, "layer": self.layer,
-            "kind": self.kind, "baseline": None, "obtained": None, "regen_command": None, "violations": [],
-            "observed": "", "expected": "",
-        }
+    def base_record(self, status: str) -> CheckRecord:
+        return CheckRecord(nodeid=self.nodeid, spec=self.spec.name, status=status, name=self.name,
+                           file=self.spec.file, layer=self.layer, kind=self.kind)
 
 
 class PropertyItem(_SpecItem):
@@ -275,18 +268,20 @@ class PropertyItem(_SpecItem):
         result = checks.run_check(self.dataset(), self.check.property, self.check.params, layer=self.layer)
         self.outcome.update(status=result.status, observed=result.observed, expected=result.expected,
                             message=result.message, violations=[v.as_record() for v in result.violations])
-        if result.status == "warn":
-            warnings.warn(AttnCheckWarning(f"{self.nodeid} (severity warn)\n{result.message}"), stacklevel=1)
+        if result.status == "warn":  # pointed at the check's line in the spec file, not at this module
+            warnings.warn_explicit(AttnCheckWarning(f"{self.nodeid} (severity warn)\n{result.message}"),
+                                   AttnCheckWarning, filename=str(self.path), lineno=self.check.line)
         elif result.status == "fail":
             raise CheckFailed(result.message)
 
     def reportinfo(self):
         return self.path, self.check.line - 1, f"{self.spec.name}::layer{self.layer}::{self.name}"
 
-    def base_record(self) -> dict:
-        params = self.check.params
-        return {**super().base_record(), "line": self.check.line, "property": self.check.property,
-                "severity": params["severity"], "metric": params["metric"]}
+    def base_record(self, status: str) -> CheckRecord:
+        record = super().base_record(status)
+        record.line, record.property = self.check.line, self.check.property
+        record.severity, record.metric = self.check.params["severity"], self.check.params["metric"]
+        return record
 
 
 class BaselineItem(_SpecItem):
@@ -298,34 +293,62 @@ class BaselineItem(_SpecItem):
     def runtest(self) -> None:
         path = self.baseline_path()
         obtained = baseline_mod.layer_slice(self.dataset(), self.layer)
-        self.outcome["status"] = "fail"
+        tolerances = self.spec.baseline.tolerances
+        self.outcome.update(status="fail", metric=", ".join(sorted(obtained.data_vars)))
         try:
             done = baseline_mod.check_baseline(
-                obtained, path, self.spec.baseline.tolerances, config=self.config,
+                obtained, path, tolerances, config=self.config,
                 regen_command=f"pytest '{self.nodeid}'", cross_env=self.spec.baseline.cross_env,
                 spec_location=f"{self.spec.file}:{self.spec.baseline.line}",
             )
         except AssertionError as err:
             self.outcome["message"] = str(err)
+            self._record_differences(path, obtained)
             raise CheckFailed(str(err)) from None
         except pytest.fail.Exception as err:  # written from this run (missing, or --force-regen)
             self.outcome["message"] = f"{err.msg}\nreview it and commit it; the next run compares against it"
             raise CheckFailed(self.outcome["message"]) from None
-        self.outcome.update(status="pass", message=done.text(), expected=done.tolerance, baseline_file=done.file)
+        self.outcome.update(status="pass", message=done.text(), baseline_file=done.file)
         if done.action != "compared":
             self.user_properties.append((baseline_mod.REGEN_PROPERTY, (done.action, _relative(done.file, self.config.rootpath), done.reason)))
+        self._record_differences(done.file, obtained)
+        self.outcome["expected"] = done.tolerance  # the tolerance that applied, and which kind
+
+    def _record_differences(self, path: Path, obtained) -> None:
+        """Per variable: cells beyond tolerance, the largest differences and where (results.json)."""
+        try:
+            expected = store.read_dataset(path)
+        except HarnessError:
+            return  # the message already says the baseline cannot be read
+        tolerances = self.spec.baseline.tolerances
+        diffs = baseline_mod.variable_differences(expected, obtained, tolerances)
+        self.outcome["variables"] = diffs
+        self.outcome["observed"] = "; ".join(
+            f"{d.variable}: {d.beyond} of {d.cells} cells beyond ({d.share:.2%}), max |diff| {float(d.max_abs['value']):.3g}"
+            for d in diffs
+        )
+        self.outcome["expected"] = "; ".join(
+            f"{name}: |obtained - baseline| <= {tol.atol:g} + {tol.rtol:g} |baseline|"
+            for name, tol in sorted(tolerances.items()) if name in obtained.data_vars
+        )
+        self.outcome["violations"] = [
+            {"location": cell["location"], "observed": cell["obtained"], "expected": f"{d.variable} baseline {cell['baseline']}"}
+            for d in diffs for cell in d.worst
+        ]
 
     def reportinfo(self):
         return self.path, self.spec.baseline.line - 1, f"{self.spec.name}::layer{self.layer}::baseline"
 
-    def base_record(self) -> dict:
+    def base_record(self, status: str) -> CheckRecord:
+        record = super().base_record(status)
         path = self.baseline_path()
         obtained = baseline_mod.obtained_file(path)
-        return {**super().base_record(), "line": self.spec.baseline.line, "property": "baseline",
-                "severity": "fail", "metric": "logits",
-                "baseline": _relative(self.outcome.get("baseline_file", path), self.config.rootpath),
-                "obtained": _relative(obtained, self.config.rootpath) if obtained.is_file() else None,
-                "regen_command": f"pytest '{self.nodeid}' --force-regen"}
+        record.line, record.property = self.spec.baseline.line, "baseline"
+        record.metric = ", ".join(sorted(self.spec.baseline.tolerances))
+        record.baseline = _relative(self.outcome.get("baseline_file", path), self.config.rootpath)
+        record.obtained = _relative(obtained, self.config.rootpath) if obtained.is_file() else None
+        record.regen_command = f"pytest '{self.nodeid}' --force-regen"
+        return record
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -340,15 +363,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     if not isinstance(item, _SpecItem) or report.when == "teardown" or (report.when == "setup" and report.passed):
         return report
-    record = item.base_record()
-    record["duration_s"] = round(time.perf_counter() - item.started, 4) if item.started else 0.0
     outcome = item.outcome
     if report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")  # the report's grouping says it was skipped
         if hasattr(report, "wasxfail"):
             reason = f"expected failure (xfail): {report.wasxfail}"
-        status = "skip"
-        message = reason
+        status, message = "skip", reason
     elif report.failed and report.when == "setup":
         status, message = "error", str(report.longrepr)
     elif report.failed:
@@ -356,10 +377,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         message = outcome.get("message") or str(report.longrepr)
     else:
         status, message = outcome.get("status", "pass"), outcome.get("message", "")
-    record.update(status=status, message=message,
-                  **{k: outcome[k] for k in ("observed", "expected", "violations") if k in outcome})
-    report.attn_record = record
-    report.attn_spec = outcome.get("spec_entry")
+    record = item.base_record(status)
+    record.message = message
+    record.duration_s = round(time.perf_counter() - item.started, 4) if item.started else 0.0
+    for key in ("observed", "expected", "violations", "variables", "metric"):
+        if key in outcome:
+            setattr(record, key, outcome[key])
+    # Reports travel from xdist workers as JSON-like data: plain dicts, rebuilt by the collector.
+    report.attn_record = asdict(record)
+    report.attn_spec = asdict(outcome["spec_entry"]) if "spec_entry" in outcome else None
     return report
 
 
@@ -373,10 +399,15 @@ class _Collector:
         record = getattr(report, "attn_record", None)
         if record is None:
             return
-        self.state.records[record["nodeid"]] = record
-        spec_entry = getattr(report, "attn_spec", None)
-        if spec_entry:
-            self.state.specs.setdefault(spec_entry["spec"], spec_entry)
+        results = Results.from_dict({"run": {}, "specs": [report.attn_spec] if report.attn_spec else [], "checks": [record]})
+        self.state.records[record["nodeid"]] = results.checks[0]
+        for spec in results.specs:
+            self.state.specs.setdefault(spec.spec, spec)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.state.report_path is not None:  # on its own line, also after -q's progress dots
+            terminalreporter.ensure_newline()
+            terminalreporter.write_line(f"attention report: {self.state.report_path}")
 
 
 def _output_dir(config: pytest.Config, option: str | None, default: Path | None) -> Path | None:
@@ -397,28 +428,20 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     report_dir = None
     if not config.getoption("no_attn_report"):
         report_dir = _output_dir(config, config.getoption("attn_report"), config.rootpath / "reports" / "latest")
-    results = {
-        "run": {
-            "command": " ".join(["pytest", *config.invocation_params.args]),
-            "started": dt.datetime.fromtimestamp(state.started, dt.timezone.utc).isoformat(timespec="seconds"),
-            "duration_s": round(time.time() - state.started, 3),
-            "harness_version": attn_harness.__version__,
-        },
-        "specs": list(state.specs.values()),
-        "checks": sorted(state.records.values(), key=lambda r: r["nodeid"]),
-    }
+    results = Results(
+        run=RunInfo(
+            command=" ".join(["pytest", *config.invocation_params.args]),
+            started=dt.datetime.fromtimestamp(state.started, dt.timezone.utc).isoformat(timespec="seconds"),
+            duration_s=round(time.time() - state.started, 3),
+            harness_version=attn_harness.__version__,
+        ),
+        specs=list(state.specs.values()),
+        checks=sorted(state.records.values(), key=lambda r: r.nodeid),
+    )
     if results_dir is not None:
-        write_results(results, results_dir)
+        results.write(results_dir)
     if report_dir is not None:
         from attn_harness.report.html import render_run_report  # matplotlib: only when a report is wanted
 
-        write_results(results, report_dir)
-        path = render_run_report(results, report_dir)
-        reporter = config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_sep("-", f"attention report: {path}")
-
-
-def write_results(results: dict, out_dir: Path) -> Path:
-    """Write ``out_dir/results.json`` atomically."""
-    return write_atomic(out_dir / "results.json", json.dumps(results, indent=1, default=str).encode("utf-8"))
+        results.write(report_dir)
+        state.report_path = render_run_report(results, report_dir)

@@ -217,11 +217,13 @@ def head_bars(
     title: str | None = None,
     pixel_frames: int | None = None,
     temporal_stride: int = 4,
+    metric: str = "logits",
 ) -> Figure:
     """The seed's figure 2: per head, the query frames' mean attention to each key frame.
 
     The sink score in each title comes from :func:`attn_harness.core.metrics.head_stats` on the latent
-    data (first - mid over the valid key frames), whatever unit the bars are drawn in.
+    data (first - mid over the valid key frames), whatever unit the bars are drawn in. The
+    default title names the layer and step (from ``da``'s scalar coords) and ``metric``.
     """
     da = da.transpose("head", "query_frame", "key_frame")
     stats = metrics.head_stats(da, query_frames)
@@ -246,7 +248,12 @@ def head_bars(
             ax.grid(True, alpha=0.3)
             if index // cols == rows - 1:
                 ax.set_xlabel(f"key frame ({_unit_label(shown)})")
-        fig.suptitle(title or f"Query frames {list(query_frames)} (latent): mean attention per key frame", fontweight="bold")
+            if index % cols == 0:
+                ax.set_ylabel(f"mean {LABELS.get(metric, metric)}")
+        where = ", ".join(f"{dim} {int(da[dim])}" for dim in ("layer", "step") if dim in da.coords and da[dim].ndim == 0)
+        default = f"{where.capitalize()}: {metric}, " if where else f"{metric}: "
+        default += f"mean over query frames {list(query_frames)} (latent) per key frame"
+        fig.suptitle(title or default, fontweight="bold")
     return fig
 
 
@@ -451,4 +458,52 @@ def difference_overview(
             ax.set_title(f"step {step} ({labels[0]}) / {b_step} ({labels[1]})")
         fig.colorbar(image, ax=axes, shrink=0.9).set_label(f"mean |{labels[1]} - {labels[0]}|")
         fig.suptitle(f"Where {labels[1]} differs from {labels[0]}: mean |difference| per layer and head", fontweight="bold")
+    return fig
+
+
+def text_mass_grid(da: xr.DataArray, *, title: str | None = None, token_labels: Sequence[str] | None = None) -> Figure:
+    """Cross-attention: one query frame x text token heatmap of ``text_mass`` per head, shared scale from 0.
+
+    ``da`` has dims (head, query_frame, text_token) (one step and layer). Padding tokens (a
+    ``text_content`` coordinate of 0) are marked by a grey band under the x axis; ``token_labels``
+    (the token strings, where a tokenizer is known) replace the token indices.
+    """
+    missing = {"head", "query_frame", "text_token"} - set(da.dims)
+    if missing or da.ndim != 3:
+        raise HarnessError(f"text_mass_grid needs dims (head, query_frame, text_token); got {da.dims}")
+    shown = da.transpose("head", "query_frame", "text_token")
+    values = shown.values.astype(np.float64)
+    vmax = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+    heads = [int(h) for h in shown["head"].values]
+    tokens = shown.sizes["text_token"]
+    padding = (shown["text_content"].values == 0) if "text_content" in shown.coords else np.zeros(tokens, dtype=bool)
+    rows, cols = grid_shape(len(heads))
+    left, right, bottom, top = 0.7, 1.3, 0.7, 0.8 if title else 0.4
+    width, height = PANEL_INCHES[0] * cols + left + right, PANEL_INCHES[1] * rows + bottom + top
+    with style():
+        fig = Figure(figsize=(width, height))
+        fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                            wspace=0.3, hspace=0.5)
+        axes = fig.subplots(rows, cols, squeeze=False)
+        image = None
+        for index, ax in enumerate(axes.flat):
+            if index >= len(heads):
+                ax.set_axis_off()
+                continue
+            image = ax.imshow(values[index], cmap=CMAPS["mass"], origin="lower", aspect="auto",
+                              interpolation="nearest", vmin=0.0, vmax=vmax)
+            ax.set_title(f"Head {heads[index]}", fontweight="bold")
+            for token in np.flatnonzero(padding):
+                ax.add_patch(Rectangle((token - 0.5, -0.5), 1, 0.25, color=MASKED_COLOR, clip_on=False))
+            if index // cols == rows - 1:
+                ax.set_xlabel("text token")
+                if token_labels is not None:
+                    ax.set_xticks(range(tokens), list(token_labels), rotation=90, fontsize=6)
+            if index % cols == 0:
+                ax.set_ylabel("query frame")
+        colorbar_axes = fig.add_axes((1 - 0.95 / width, bottom / height + 0.1, 0.15 / width, 0.8 - (bottom + top) / height),
+                                     label="colorbar")
+        fig.colorbar(image, cax=colorbar_axes).set_label("text attention mass")
+        if title:
+            fig.suptitle(title, fontweight="bold", y=1 - 0.15 / height, va="top")
     return fig

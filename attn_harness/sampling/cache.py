@@ -44,7 +44,7 @@ def resolved_device(device: str) -> str:
     ``cpu`` without importing torch when the torch build has no CUDA; otherwise torch decides."""
     if device == "cpu" or (device == "auto" and catalog.cuda_ruled_out()):
         return "cpu"
-    from attn_harness.sampling.extract import resolve_device
+    from attn_harness.sampling.run import resolve_device
 
     return str(resolve_device(device))
 
