@@ -79,6 +79,7 @@ class BaselineSpec:
     layers: str | tuple[int, ...] | None  # None: every layer the spec checks
     tolerances: dict[str, Tolerance]
     line: int
+    cross_env: dict[str, Tolerance] | None = None  # against a baseline made in another environment class
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ PROBE_KEYS: dict[str, tuple[str, str]] = {
     "capture_timesteps": ("capture_timesteps", "number_list"),
 }
 SPEC_KEYS = ("name", "description", "model", "base_model", "probe", "layers", "baseline", "marks")
-BASELINE_KEYS = ("file", "layers", "logits", "mass", "text_mass")
+BASELINE_KEYS = ("file", "layers", "logits", "mass", "text_mass", "cross_env")
 
 
 def parse_layers(value: Any) -> str | tuple[int, ...]:
@@ -385,15 +386,15 @@ def _probe(ctx: _Ctx, raw: Any, line: int, layers: str | tuple[int, ...]) -> Pro
         raise ctx.fail(_line(raw, bad, line), f"probe: {err}") from None
 
 
-def _tolerance(ctx: _Ctx, raw: Any, var: str, line: int) -> Tolerance:
-    default = DEFAULT_TOLERANCES[var]
-    raw = ctx.mapping(raw, f"baseline.{var}", line, ("atol", "rtol"))
+def _tolerance(ctx: _Ctx, raw: Any, var: str, line: int, default: Tolerance | None = None, where: str = "baseline") -> Tolerance:
+    default = default or DEFAULT_TOLERANCES[var]
+    raw = ctx.mapping(raw, f"{where}.{var}", line, ("atol", "rtol"))
     values = {}
     for key in ("atol", "rtol"):
         if key in raw:
-            value = ctx.typed(raw, key, f"baseline.{var}", "number", line)
+            value = ctx.typed(raw, key, f"{where}.{var}", "number", line)
             if value < 0:
-                raise ctx.fail(_line(raw, key, line), f"baseline.{var}.{key} must be >= 0; got {value}")
+                raise ctx.fail(_line(raw, key, line), f"{where}.{var}.{key} must be >= 0; got {value}")
             values[key] = float(value)
     return Tolerance(atol=values.get("atol", default.atol), rtol=values.get("rtol", default.rtol))
 
@@ -420,7 +421,17 @@ def _baseline(ctx: _Ctx, raw: Any, line: int) -> BaselineSpec | None:
         var: _tolerance(ctx, raw[var], var, _line(raw, var, line)) if var in raw else DEFAULT_TOLERANCES[var]
         for var in DEFAULT_TOLERANCES
     }
-    return BaselineSpec(file=file, layers=layers, tolerances=tolerances, line=_line(raw, "file", line) if "file" in raw else line)
+    cross_env = None
+    if "cross_env" in raw:  # a variable it leaves out keeps its same-environment tolerance
+        cross_line = _line(raw, "cross_env", line)
+        cross_raw = ctx.mapping(raw["cross_env"], "baseline.cross_env", cross_line, tuple(DEFAULT_TOLERANCES))
+        cross_env = {
+            var: _tolerance(ctx, cross_raw[var], var, _line(cross_raw, var, cross_line), tolerances[var], "baseline.cross_env")
+            if var in cross_raw else tolerances[var]
+            for var in DEFAULT_TOLERANCES
+        }
+    return BaselineSpec(file=file, layers=layers, tolerances=tolerances, line=_line(raw, "file", line) if "file" in raw else line,
+                        cross_env=cross_env)
 
 
 def _marks(ctx: _Ctx, raw: Any, line: int) -> tuple[MarkSpec, ...]:
