@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from attn_harness import __version__
+from attn_harness.cli_drift import add_drift
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import DTYPES, MASKS, MODES, Probe
 from attn_harness.core.schema import LEGACY_MASKS
@@ -429,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_compare(sub)
     _add_sweep(sub)
+    add_drift(sub)
     return parser
 
 

@@ -63,4 +63,4 @@ def test_one_heads_query_scaled_by_1_02_is_caught_and_named(baseline):
 def test_a_population_against_a_single_run_baseline_asks_for_regeneration(baseline):
     single = extract("tiny-trained", Probe(sample_steps=6, capture_steps=("first", "mid", "last")), progress=False)
     lines = compare(single, baseline, DEFAULT_TOLERANCES)
-    assert any("only the run is a population" in line for line in lines)
+    assert any("only the obtained is a population" in line for line in lines)

@@ -196,7 +196,7 @@ def test_a_matching_baseline_is_decided_in_memory_and_writes_nothing(tmp_path, p
     obtained_file(path).write_bytes(b"left by an earlier failing run")
     before = path.stat().st_mtime_ns
     assert matches_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig)
-    check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, item_name="baseline", regen_command="pytest x")
+    check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, regen_command="pytest x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layer3.nc"] and path.stat().st_mtime_ns == before
 
 

@@ -81,6 +81,7 @@ class BaselineSpec:
     layers: str | tuple[int, ...] | None  # None: every layer the spec checks
     tolerances: dict[str, Tolerance]
     line: int
+    cross_env: dict[str, Tolerance] | None = None  # against a baseline made in another environment class
     sigmas: float = DEFAULT_SIGMAS  # populations: largest allowed |z| of a cell (attn_harness.core.calibration)
 
 
@@ -295,7 +296,7 @@ PROBE_KEYS: dict[str, tuple[str, str]] = {
     "sample_batch": ("sample_batch", "int"),
 }
 SPEC_KEYS = ("name", "description", "model", "base_model", "probe", "layers", "baseline", "marks")
-BASELINE_KEYS = ("file", "layers", "logits", "mass", "aligned_mass", "text_mass", "sigmas")
+BASELINE_KEYS = ("file", "layers", "logits", "mass", "aligned_mass", "text_mass", "cross_env", "sigmas")
 
 
 def parse_layers(value: Any) -> str | tuple[int, ...]:
@@ -412,15 +413,15 @@ def _prompts_file(ctx: _Ctx, name: str, line: int) -> list[str]:
     return prompts
 
 
-def _tolerance(ctx: _Ctx, raw: Any, var: str, line: int) -> Tolerance:
-    default = DEFAULT_TOLERANCES[var]
-    raw = ctx.mapping(raw, f"baseline.{var}", line, ("atol", "rtol"))
+def _tolerance(ctx: _Ctx, raw: Any, var: str, line: int, default: Tolerance | None = None, where: str = "baseline") -> Tolerance:
+    default = default or DEFAULT_TOLERANCES[var]
+    raw = ctx.mapping(raw, f"{where}.{var}", line, ("atol", "rtol"))
     values = {}
     for key in ("atol", "rtol"):
         if key in raw:
-            value = ctx.typed(raw, key, f"baseline.{var}", "number", line)
+            value = ctx.typed(raw, key, f"{where}.{var}", "number", line)
             if value < 0:
-                raise ctx.fail(_line(raw, key, line), f"baseline.{var}.{key} must be >= 0; got {value}")
+                raise ctx.fail(_line(raw, key, line), f"{where}.{var}.{key} must be >= 0; got {value}")
             values[key] = float(value)
     return Tolerance(atol=values.get("atol", default.atol), rtol=values.get("rtol", default.rtol))
 
@@ -447,13 +448,22 @@ def _baseline(ctx: _Ctx, raw: Any, line: int) -> BaselineSpec | None:
         var: _tolerance(ctx, raw[var], var, _line(raw, var, line)) if var in raw else DEFAULT_TOLERANCES[var]
         for var in DEFAULT_TOLERANCES
     }
+    cross_env = None
+    if "cross_env" in raw:  # a variable it leaves out keeps its same-environment tolerance
+        cross_line = _line(raw, "cross_env", line)
+        cross_raw = ctx.mapping(raw["cross_env"], "baseline.cross_env", cross_line, tuple(DEFAULT_TOLERANCES))
+        cross_env = {
+            var: _tolerance(ctx, cross_raw[var], var, _line(cross_raw, var, cross_line), tolerances[var], "baseline.cross_env")
+            if var in cross_raw else tolerances[var]
+            for var in DEFAULT_TOLERANCES
+        }
     sigmas = DEFAULT_SIGMAS
     if "sigmas" in raw:
         sigmas = float(ctx.typed(raw, "sigmas", "baseline", "number", line))
         if not sigmas > 0 or sigmas == float("inf"):
             raise ctx.fail(_line(raw, "sigmas", line), f"baseline.sigmas must be a positive finite number; got {raw['sigmas']!r}")
-    return BaselineSpec(file=file, layers=layers, tolerances=tolerances, sigmas=sigmas,
-                        line=_line(raw, "file", line) if "file" in raw else line)
+    return BaselineSpec(file=file, layers=layers, tolerances=tolerances, line=_line(raw, "file", line) if "file" in raw else line,
+                        cross_env=cross_env, sigmas=sigmas)
 
 
 def _marks(ctx: _Ctx, raw: Any, line: int) -> tuple[MarkSpec, ...]:

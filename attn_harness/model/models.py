@@ -185,7 +185,8 @@ def build_transformer(config: dict, state: dict[str, torch.Tensor], where: Path)
     """A float32 ``WanTransformer3DModel`` holding exactly ``state`` (diffusers keys, strict).
 
     Parameters are created empty (no random init of billions of weights) and assigned; the
-    RoPE buffers are computed as usual.
+    RoPE buffers are computed as usual. ``state`` is consumed: each tensor is moved into fresh
+    storage (``_fresh_float32``) and dropped from the dict.
     """
     with init_empty_weights(include_buffers=False):
         model = WanTransformer3DModel(**config)
@@ -203,8 +204,20 @@ def build_transformer(config: dict, state: dict[str, torch.Tensor], where: Path)
         raise HarnessError(
             f"{where}: {len(wrong)} weight(s) have the wrong shape for {_arch(config)}, e.g. {key} is {got}, expected {want}"
         )
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True, assign=True)
+    fresh = {key: _fresh_float32(state.pop(key)) for key in list(state)}
+    model.load_state_dict(fresh, strict=True, assign=True)
     return model.eval()
+
+
+def _fresh_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 contiguous copy in storage from PyTorch's allocator, as an in-process model has.
+
+    Tensors read from safetensors are not 64-byte aligned, and MKL's sgemm rounds differently
+    for unaligned operands on its non-AVX-512 code paths (AMD CPUs; ``MKL_ENABLE_INSTRUCTIONS=SSE4_2``
+    on Intel: 6e-7 in the output of the tiny model), so a loaded model was bitwise equal to the
+    in-process one only on AVX-512 hosts.
+    """
+    return torch.empty(tensor.shape, dtype=torch.float32).copy_(tensor)
 
 
 def _arch(config: dict) -> str:

@@ -99,6 +99,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = state
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_Collector(state), "attn-harness-results")
+        config.pluginmanager.register(baseline_mod.RegenSummary(), "attn-harness-regen-summary")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -319,9 +320,11 @@ class BaselineItem(_SpecItem):
         tolerances = self.spec.baseline.tolerances
         self.outcome.update(status="fail", metric=", ".join(sorted(obtained.data_vars)))
         try:
-            baseline_mod.check_baseline(
-                obtained, path, tolerances, config=self.config, item_name=self.name,
-                regen_command=f"pytest '{self.nodeid}'", sigmas=self.spec.baseline.sigmas,
+            done = baseline_mod.check_baseline(
+                obtained, path, tolerances, config=self.config,
+                regen_command=f"pytest '{self.nodeid}'", cross_env=self.spec.baseline.cross_env,
+                sigmas=self.spec.baseline.sigmas,
+                spec_location=f"{self.spec.file}:{self.spec.baseline.line}",
             )
         except AssertionError as err:
             self.outcome["message"] = str(err)
@@ -330,8 +333,11 @@ class BaselineItem(_SpecItem):
         except pytest.fail.Exception as err:  # written from this run (missing, or --force-regen)
             self.outcome["message"] = f"{err.msg}\nreview it and commit it; the next run compares against it"
             raise CheckFailed(self.outcome["message"]) from None
-        self.outcome["status"] = "pass"
-        self._record_differences(path, obtained)
+        self.outcome.update(status="pass", message=done.text(), baseline_file=done.file)
+        if done.action != "compared":
+            self.user_properties.append((baseline_mod.REGEN_PROPERTY, (done.action, _relative(done.file, self.config.rootpath), done.reason)))
+        self._record_differences(done.file, obtained)
+        self.outcome["expected"] = done.tolerance  # the tolerance that applied, and which kind
 
     def _record_differences(self, path: Path, obtained) -> None:
         """Per variable: cells beyond tolerance, the largest differences and where (results.json)."""
@@ -364,7 +370,7 @@ class BaselineItem(_SpecItem):
         obtained = baseline_mod.obtained_file(path)
         record.line, record.property = self.spec.baseline.line, "baseline"
         record.metric = ", ".join(sorted(self.spec.baseline.tolerances))
-        record.baseline = _relative(path, self.config.rootpath)
+        record.baseline = _relative(self.outcome.get("baseline_file", path), self.config.rootpath)
         record.obtained = _relative(obtained, self.config.rootpath) if obtained.is_file() else None
         record.regen_command = f"pytest '{self.nodeid}' --force-regen"
         return record

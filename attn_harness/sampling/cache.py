@@ -23,6 +23,7 @@ from filelock import FileLock
 
 import attn_harness
 from attn_harness.core import catalog, store
+from attn_harness.core.environment import cpu_name, numerics_env
 from attn_harness.core.fingerprint import file_sha256, sha256_json
 from attn_harness.core.probe import Probe
 
@@ -58,8 +59,9 @@ class ExtractionCache:
 
     def key_for(self, model: str, probe: Probe, *, base_model: str | None = None) -> str:
         """The cache key of ``model`` under ``probe``: from file fingerprints (cached on disk) and
-        static facts, so a warm lookup imports neither torch nor diffusers."""
-        inputs = {}
+        static facts, so a warm lookup imports neither torch nor diffusers. The CPU and the
+        kernel-selecting environment variables are in it: a forced ISA runs other kernels."""
+        inputs = {"cpu": cpu_name(), "numerics_env": numerics_env()}
         if base_model:
             inputs["base_model"] = catalog.source_identity(base_model)
         if probe.prompt_embeds:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from attn_harness.core.probe import Probe
 from attn_harness.model.capture import TEXT_METRIC, Recorder, capture
 from attn_harness.model.models import LoadedModel, load_model
+from attn_harness.model.numerics import numerics_policy
 from attn_harness.sampling.rollout import extract_rollout
 from attn_harness.sampling.run import (
     DTYPES,
@@ -47,8 +48,17 @@ def extract(
     """Run the sampler on ``model`` with capture as ``probe`` says and return the Dataset.
 
     ``base_model`` (a model dir) gives a training checkpoint file its architecture and text encoder.
+    The run is under the dtype's numerics policy, recorded in the attrs (``attn_harness.model.numerics``).
     """
     device = resolve_device(probe.device)
+    with numerics_policy(probe.dtype, device) as applied:
+        ds = _extract(model, probe, device, progress=progress, base_model=base_model)
+    ds.attrs.update(applied.attrs())
+    return ds
+
+
+def _extract(model: str | LoadedModel, probe: Probe, device: torch.device, *, progress: bool | None,
+             base_model: str | None) -> xr.Dataset:
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=DTYPES[probe.dtype], device=device, base_model=base_model)
     if probe.mode == "rollout":
         return extract_rollout(loaded, probe, progress=progress)
