@@ -33,8 +33,8 @@ def references(text: str, markdown: bool) -> set[str]:
     return {ref for ref in found if ref and "://" not in ref and not ref.startswith(("mailto:", "#", "<", "$"))}
 
 
-def missing_references(files: list[Path], root: Path, pending: frozenset[str] = frozenset()) -> list[str]:
-    """One line per reference that resolves to nothing (``pending``: repo paths allowed to be missing)."""
+def missing_references(files: list[Path], root: Path) -> list[str]:
+    """One line per reference that resolves to nothing."""
     missing = []
     for path in files:
         try:
@@ -44,8 +44,6 @@ def missing_references(files: list[Path], root: Path, pending: frozenset[str] = 
         for ref in sorted(references(text, markdown=path.suffix in (".md", ".ipynb"))):
             candidates = [(path.parent / ref).resolve(), (root / ref).resolve()]
             if any(c.exists() for c in candidates):
-                continue
-            if any(c.is_relative_to(root.resolve()) and str(c.relative_to(root.resolve())) in pending for c in candidates):
                 continue
             missing.append(f"{path.relative_to(root)} refers to {ref}, which the repository lacks")
     return missing
@@ -70,12 +68,9 @@ def test_the_scan_finds_links_and_md_mentions_that_point_nowhere(tmp_path: Path)
 
 # Documents that docs/design.md links to and that other branches are writing (issues 10, 12, 16, 18).
 # Each entry must go as soon as its document lands; the test below says so.
-PENDING = frozenset({"docs/numerics.md", "docs/kernels.md", "docs/autoregressive.md", "docs/sweep.md"})
 
 
 def test_nothing_in_the_repository_refers_to_a_file_it_lacks() -> None:
     files = text_files()
     assert any(p.name == "design.md" for p in files) and len(files) > 50
-    assert missing_references(files, ROOT, PENDING) == []
-    landed = sorted(p for p in PENDING if (ROOT / p).exists())
-    assert landed == [], f"{landed} exist now: remove them from PENDING in tests/test_docs.py"
+    assert missing_references(files, ROOT) == []

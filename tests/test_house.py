@@ -189,16 +189,13 @@ def test_the_import_graph_sees_function_level_imports(tmp_path: Path) -> None:
 
 
 # The extract <-> rollout cycle is broken on the issue-16 branch; this entry goes when that lands.
-PENDING_CYCLES = [["attn_harness.sampling.extract", "attn_harness.sampling.rollout"]]
 
 
 def test_the_package_has_no_import_cycle() -> None:
     graph = import_graph()
     assert "attn_harness.core.store" in graph["attn_harness.core.checks"] | graph["attn_harness.model.legacy"]
     found = cycles(graph)
-    assert [cycle for cycle in found if cycle not in PENDING_CYCLES] == []
-    gone = [cycle for cycle in PENDING_CYCLES if cycle not in found]
-    assert gone == [], f"{gone} no longer exist: remove them from PENDING_CYCLES in tests/test_house.py"
+    assert found == []
 
 
 def test_core_and_report_import_nothing_from_the_torch_layers() -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.fingerprint import seed_of_text
 from attn_harness.core.frames import MASKS
 from attn_harness.core.schema import METRICS, TEXT_METRIC
 
@@ -74,7 +74,7 @@ class Probe:
         samples are independent draws (the same seed for two prompts would tie them together)."""
         if not self.is_population:
             return seed
-        return int.from_bytes(hashlib.sha256(f"{seed}\0{prompt}".encode()).digest()[:8], "little") >> 1
+        return seed_of_text(f"{seed}\0{prompt}") >> 1
 
     def samples(self) -> list[tuple[str, int]]:
         """(prompt, seed) of every sample: prompts x seeds, prompt-major; ``prompt``/``seed`` stand in for an empty list."""

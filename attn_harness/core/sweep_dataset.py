@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from attn_harness.core.atomic import atomic_path
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.schema import DIMS, METRICS
-from attn_harness.core.store import ENGINE, FLOAT_ENCODING, _restore_attrs, _storable
+from attn_harness.core.store import ENGINE, restore_attrs, write_netcdf
 
 SWEEP_DIMS: tuple[str, ...] = ("checkpoint", "prompt", "seed")
 SWEEP_KIND = "attn-harness sweep"
@@ -173,15 +172,7 @@ def _attr_value(value: object) -> object:
 
 def write_sweep(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write a merged sweep atomically as NetCDF4 (engine h5netcdf); return the path."""
-    path = Path(path)
-    out = _storable(ds)
-    encoding = {name: dict(FLOAT_ENCODING) for name, var in out.data_vars.items() if var.dtype == np.float32}
-    try:
-        with atomic_path(path) as tmp:
-            out.to_netcdf(tmp, engine=ENGINE, format="NETCDF4", encoding=encoding)
-    except (OSError, TypeError, ValueError) as exc:
-        raise HarnessError(f"could not write {path}: {exc}") from exc
-    return path
+    return write_netcdf(ds, path)
 
 
 def read_sweep(path: str | os.PathLike) -> xr.Dataset:
@@ -194,7 +185,7 @@ def read_sweep(path: str | os.PathLike) -> xr.Dataset:
             ds = opened.load()
     except (OSError, ValueError) as exc:
         raise HarnessError(f"{path} is not a NetCDF4/HDF5 file ({exc}); expected a sweep dataset") from exc
-    ds.attrs = _restore_attrs(ds.attrs)
+    ds.attrs = restore_attrs(ds.attrs)
     if ds.attrs.get("sweep") != SWEEP_KIND or "logits" not in ds or ds["logits"].dims != SWEEP_DIMS + DIMS:
         raise HarnessError(
             f"{path} is not a sweep dataset (needs attr sweep={SWEEP_KIND!r} and logits over {SWEEP_DIMS + DIMS}); "

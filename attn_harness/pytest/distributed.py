@@ -11,14 +11,13 @@ baselines are evaluated here, by the same code as a local run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from attn_harness.core.fingerprint import sha256_json
 from attn_harness.core.atomic import write_atomic
 from attn_harness.core.probe import Probe
 from attn_harness.sampling.cache import ExtractionCache
@@ -85,7 +84,7 @@ def submit_specs(items: list[pytest.Item], cache: ExtractionCache, scheduler: st
     client, resources = remote.stack.enter_context(connect(scheduler))
     for key, (source, base_model, probe) in wanted.items():
         cache_dir = str(Path(cache.directory).resolve())
-        task = hashlib.sha256(json.dumps([source, base_model, probe.as_dict(), cache_dir], default=str).encode()).hexdigest()
+        task = sha256_json([source, base_model, probe.as_dict(), cache_dir])
         remote.futures[key] = client.submit(
             remote_extract, source, probe, base_model, cache_dir,
             key=f"attn-spec-{task}", pure=False, retries=2, resources=resources or None,

@@ -17,7 +17,7 @@ which writes a part its own filesystem lacks, so workers need no shared filesyst
 from __future__ import annotations
 
 import contextlib
-import hashlib
+
 import itertools
 import json
 import logging
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import xarray as xr
 
+from attn_harness.core.fingerprint import sha256_text
 from attn_harness.core import catalog
 from attn_harness.core.atomic import write_atomic
 from attn_harness.core.errors import HarnessError
@@ -320,7 +321,7 @@ def run_parts(
     yield from done
     # The task's key names the part and the sweep directory: two sweeps of one part into two
     # directories are two tasks, two clients of one directory share one.
-    where = hashlib.sha256(str(out_dir).encode()).hexdigest()[:12]
+    where = sha256_text(str(out_dir))[:12]
     futures = {
         client.submit(run_part, part, str(out_dir), key=f"attn-part-{part.key}-{where}", pure=False, retries=retries,
                       resources=resources or None): part
