@@ -14,7 +14,7 @@ demo: $(SETUP_STAMP)
 	$(VENV)/python -m pytest specs/
 
 test: $(SETUP_STAMP)
-	$(VENV)/python -m pytest -q tests specs
+	$(VENV)/python -m pytest -q -n 2 tests specs
 
 lint: $(SETUP_STAMP)
 	$(VENV)/ruff check .

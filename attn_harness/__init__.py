@@ -13,19 +13,31 @@ in docs/design.md):
 - ``capture(model, layers, recorder)`` with a ``Recorder``: the capture context on a Wan model
 - ``head_stats`` / ``layer_summary`` / ``default_query_frames``: the seed's per-head statistics
 
-Importing the package registers the ``ds.attn`` xarray accessor (``attn_harness.accessor``) and
-nothing else: names are imported on first use, so ``import attn_harness`` does not import torch.
+The ``ds.attn`` xarray accessor (``attn_harness.accessor``) is registered on import when xarray is
+already loaded, else on first use of any name below (or ``import attn_harness.accessor``); names are
+imported on first use, so ``import attn_harness`` imports neither torch nor xarray.
 ``attn_harness.testing`` has ``assert_property`` and ``assert_baseline`` for pytest functions.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from attn_harness import accessor as _accessor  # noqa: E402, F401  (registers ds.attn; needs __version__ set)
+
+
+def _register_accessor() -> None:
+    """Register ``ds.attn`` (``attn_harness.accessor``), which imports xarray."""
+    importlib.import_module("attn_harness.accessor")
+
+
+# ds.attn: registered now if xarray is already loaded (free), else on first use of the API below,
+# so that importing a module of the package (the pytest plugin, the torch-free core) stays cheap.
+if "xarray" in sys.modules:
+    _register_accessor()
 
 # public name -> the module that defines it (imported on first attribute access)
 _EXPORTS: dict[str, str] = {
@@ -90,6 +102,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'attn_harness' has no attribute {name!r}")
+    _register_accessor()
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -73,6 +73,5 @@ def assert_baseline(
         path,
         {**DEFAULT_TOLERANCES, **(tolerances or {})},
         config=request.config,
-        item_name=request.node.name,
         regen_command=f"pytest {request.node.nodeid}",
     )

@@ -20,6 +20,7 @@ import pytest
 import torch
 import xarray as xr
 
+from attn_harness.core.spec import load_specs
 from attn_harness.cli import main
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import Probe
@@ -157,7 +158,8 @@ def test_pytest_with_a_scheduler_gives_the_verdicts_of_a_local_run(cluster, tmp_
     assert runs["dask"] == runs["local"] and len(runs["local"]) > 40
     log = [json.loads(line) for line in (tmp_path / "cache-dask" / "extractions.log").read_text().splitlines()]
     worker_pids = set(cluster.run(os.getpid).values())
-    assert len(log) == 2 and {e["pid"] for e in log} <= worker_pids, "both extractions ran on the workers"
+    specs = load_specs(root / "specs" / "tiny_default.yaml")  # one extraction per spec, none of them gpu-marked
+    assert len(log) == len(specs) and {e["pid"] for e in log} <= worker_pids, "every extraction ran on the workers"
 
 
 def test_local_gpu_workers_are_pinned_one_device_each_and_declare_a_gpu():

@@ -186,6 +186,11 @@ def _check_figures(store: _Datasets, dataset: xr.Dataset | str, check: CheckReco
         return [], f"no figure: {err}"
 
 
+def _png_img(fig, alt: str) -> str:
+    """A figure as an inline PNG ``<img>`` (point clouds are several times smaller as PNG than as SVG)."""
+    return f'<img src="{figures.png_data_uri(fig, dpi=PNG_DPI)}" alt="{alt}">'
+
+
 def _text_figure(ds: xr.Dataset, step: int) -> dict:
     """The cross-attention of the last captured layer at ``step``: text mass per query frame and token."""
     layer = int(ds["layer"].values[-1])
@@ -230,11 +235,11 @@ def _spec_section(store: _Datasets, spec: SpecInfo, checks: list[CheckRecord], i
         step = int(dataset["step"].values[-1])
         distribution = ""
         if SAMPLE_DIM in dataset.dims:  # a population: its sample spread, then the mean in every other figure
-            distribution = figures.inline_svg(figures.sample_distribution(dataset, step))
+            distribution = _png_img(figures.sample_distribution(dataset, step), "sink score per head over the samples")
             dataset = metrics.sample_mean(dataset)
         overview = figures.inline_svg(figures.layer_head_overview(dataset, step)) + distribution
         if "aligned_mass" in dataset and "mass" in dataset:
-            overview += figures.inline_svg(figures.head_type_map(dataset, step))
+            overview += _png_img(figures.head_type_map(dataset, step), "head types per layer and head")
         if "text_mass" in dataset.data_vars:
             text_figure = _text_figure(dataset, step)
     rows, failures = [], []
