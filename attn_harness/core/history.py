@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.store import ENGINE, restore_attrs, validate, write_netcdf
+from attn_harness.core.store import read_netcdf, validate, write_netcdf
 
 MARK = "attn_harness_history"
 PER_CHECKPOINT_ATTRS = ("checkpoint_fingerprint", "checkpoint_path", "created")
@@ -39,22 +39,12 @@ def checkpoint_entry(ds: xr.Dataset, *, train_step: int, timestamp: str | None =
 
 def read_history(path: str | os.PathLike) -> xr.Dataset:
     """Read a history written by ``append_checkpoint`` fully into memory."""
-    path = Path(path)
-    if not path.is_file():
-        raise HarnessError(f"{path} does not exist; a training history is written by attn_harness.AttentionMonitor")
-    try:
-        with xr.open_dataset(path, engine=ENGINE) as opened:
-            history = opened.load()
-    except (OSError, ValueError) as exc:
-        raise HarnessError(f"{path} is not a NetCDF4/HDF5 file ({exc}); expected a training history") from exc
-    history.attrs = restore_attrs(history.attrs)
+    history = read_netcdf(path, "a training history, written by attn_harness.sampling.monitor.AttentionMonitor")
     if history.attrs.get(MARK) != 1 or "checkpoint" not in history.dims:
         raise HarnessError(
             f"{path} is not a training history (no '{MARK}' marker or no 'checkpoint' dim); "
             "choose a new file name: the harness appends only to histories it wrote"
         )
-    for var in history.variables.values():
-        var.attrs = restore_attrs(var.attrs)
     return history
 
 

@@ -82,6 +82,23 @@ def read_dataset(path: str | os.PathLike) -> xr.Dataset:
     return ds
 
 
+def read_netcdf(path: str | os.PathLike, expected: str) -> xr.Dataset:
+    """Any NetCDF file the harness writes, fully in memory with its attrs restored; ``expected``
+    names what the caller wants (and how to make one) in the error for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"{path} does not exist; expected {expected}")
+    try:
+        with xr.open_dataset(path, engine=ENGINE) as opened:
+            ds = opened.load()
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"{path} is not a NetCDF4/HDF5 file ({exc}); expected {expected}") from exc
+    ds.attrs = restore_attrs(ds.attrs)
+    for var in ds.variables.values():
+        var.attrs = restore_attrs(var.attrs)
+    return ds
+
+
 def validate(ds: xr.Dataset) -> None:
     """Raise ``HarnessError`` listing every way ``ds`` breaks the data contract."""
     problems = _problems(ds)

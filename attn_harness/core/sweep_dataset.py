@@ -30,7 +30,7 @@ import xarray as xr
 
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.schema import DIMS, METRICS
-from attn_harness.core.store import ENGINE, restore_attrs, write_netcdf
+from attn_harness.core.store import read_netcdf, write_netcdf
 
 SWEEP_DIMS: tuple[str, ...] = ("checkpoint", "prompt", "seed")
 SWEEP_KIND = "attn-harness sweep"
@@ -177,15 +177,7 @@ def write_sweep(ds: xr.Dataset, path: str | os.PathLike) -> Path:
 
 def read_sweep(path: str | os.PathLike) -> xr.Dataset:
     """Read a merged sweep into memory; a file that is not one is a ``HarnessError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise HarnessError(f"{path} does not exist; expected a sweep dataset written by `attn-harness sweep`")
-    try:
-        with xr.open_dataset(path, engine=ENGINE) as opened:
-            ds = opened.load()
-    except (OSError, ValueError) as exc:
-        raise HarnessError(f"{path} is not a NetCDF4/HDF5 file ({exc}); expected a sweep dataset") from exc
-    ds.attrs = restore_attrs(ds.attrs)
+    ds = read_netcdf(path, "a sweep dataset written by `attn-harness sweep`")
     if ds.attrs.get("sweep") != SWEEP_KIND or "logits" not in ds or ds["logits"].dims != SWEEP_DIMS + DIMS:
         raise HarnessError(
             f"{path} is not a sweep dataset (needs attr sweep={SWEEP_KIND!r} and logits over {SWEEP_DIMS + DIMS}); "
