@@ -95,3 +95,9 @@ def test_head_type_map_draws_every_layer_and_head():
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert texts == ["sink\n1.00", "spat\n1.00", "temp\n0.75", "mix"]
     assert figures.render(fig, "png")[:4] == b"\x89PNG"
+
+
+def test_a_nan_threshold_is_an_error_not_a_silent_change_of_types():
+    ds = _dataset([_designed_heads()])
+    with pytest.raises(HarnessError, match="thresholds must be finite"):
+        run_check(ds, "head_types", {"expected": {0: "sink"}, "sink": float("nan")})

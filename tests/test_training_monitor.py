@@ -72,6 +72,12 @@ def test_trend_needs_a_history():
         run_check(_extraction(1.0), "trend", {"max_drop": 0.1})
 
 
+def test_a_nan_max_drop_is_an_error_not_a_pass(tmp_path):
+    falling = _history(tmp_path, [1.5, 1.4, 0.6])
+    with pytest.raises(HarnessError, match="max_drop must be finite"):
+        run_check(falling, "trend", {"max_drop": float("nan")})
+
+
 class Scalars:
     """Collects what the monitor logs, in TensorBoard's ``SummaryWriter`` interface."""
 

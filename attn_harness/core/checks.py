@@ -462,6 +462,8 @@ def sink_heads(da: xr.DataArray, params: dict) -> Evaluation:
 
 def head_types(da: xr.DataArray, params: dict, *, aligned_mass: xr.DataArray) -> Evaluation:
     thresholds = {name: params[name] for name in metrics.HEAD_TYPE_THRESHOLDS}
+    if not all(np.isfinite(value) for value in thresholds.values()):
+        raise HarnessError(f"head_types: thresholds must be finite; got {thresholds}")
     kinds = _ordered(metrics.head_types(_visible_only(da), aligned_mass, thresholds))
     shares = metrics.head_shares(da, aligned_mass)
 
@@ -497,6 +499,8 @@ def head_types(da: xr.DataArray, params: dict, *, aligned_mass: xr.DataArray) ->
 
 
 def trend(da: xr.DataArray, params: dict) -> Evaluation:
+    if not np.isfinite(params["max_drop"]) or params["last"] < 2:
+        raise HarnessError(f"trend: max_drop must be finite and last at least 2; got {params['max_drop']}, {params['last']}")
     frames = _query_frames(da, params)
     last = params["last"]
     history = da.isel(checkpoint=slice(-last, None))
