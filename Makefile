@@ -7,11 +7,14 @@ $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $(SETUP_STAMP)
 
-.PHONY: setup demo test
+.PHONY: setup demo test lint
 setup: $(SETUP_STAMP)
 
 demo: $(SETUP_STAMP)
 	$(VENV)/python -m pytest specs/
 
 test: $(SETUP_STAMP)
-	$(VENV)/python -m pytest -q tests specs
+	$(VENV)/python -m pytest -q -n 2 tests specs
+
+lint: $(SETUP_STAMP)
+	$(VENV)/ruff check .

@@ -11,9 +11,11 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 from attn_harness import __version__
+from attn_harness.cli_drift import add_drift
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import PROBE_FIELDS, Probe, ProbeError
 from attn_harness.core.schema import LEGACY_MASKS
@@ -77,13 +79,79 @@ def _refuse_overwrite(out: Path, inputs: Sequence[str | os.PathLike | None], opt
             raise HarnessError(f"{option} {out} is an input of this command ({given}); write to another file")
 
 
+SWEPT_KEYS = ("prompt", "seed", "prompts", "seeds", "sample_batch")  # a sweep takes prompts and seeds as its own lists
+
+
+def _add_probe_arguments(p: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:
+    """One flag per probe field of the vocabulary (``PROBE_FIELDS``), with its meaning, choices
+    and default; a spec's ``probe:`` key and the flag take the same values."""
+    p.add_argument("--layers", default="all", help="blocks to capture: all, or e.g. 0-3,5")
+    for key, field_ in PROBE_FIELDS.items():
+        if key in exclude:
+            continue
+        if field_.kind == "bool" and field_.default is True:  # a switch that turns it off
+            p.add_argument("--no-" + key.replace("_", "-"), dest=f"probe_{key}", action="store_const", const="false",
+                           default=None, help=f"do not {field_.doc}")
+            continue
+        shown = ",".join(str(v) for v in field_.default) if isinstance(field_.default, tuple) else field_.default_text()
+        default = "" if field_.default in (REQUIRED, ()) or "default:" in field_.doc else f" (default: {shown})"
+        choices = f"; one of {', '.join(field_.choices)}" if field_.choices else ""
+        metavar = "FILE" if key in FILE_KEYS else key.upper()
+        p.add_argument(_flag(key), dest=f"probe_{key}", default=None, metavar=metavar, help=f"{field_.doc}{choices}{default}")
+
+
+FILE_KEYS = ("prompts", "prompt_embeds")  # flags that name a file
+
+
+def _read_prompts(path: str) -> list[str]:
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise HarnessError(f"--prompts {path}: cannot read it ({err})") from None
+    if not prompts:
+        raise HarnessError(f"--prompts {path}: holds no prompt (one prompt a line)")
+    return prompts
+
+
+def probe_from_args(args: argparse.Namespace) -> Probe:
+    """The probe the flags describe, validated by the vocabulary (the flag is named on error)."""
+    values = {}
+    for key, field_ in PROBE_FIELDS.items():
+        text = getattr(args, f"probe_{key}", None)
+        if text is None:
+            continue
+        try:
+            values[key] = field_.coerce(_read_prompts(text) if key == "prompts" else field_.parse_text(text), key)
+        except FieldError as err:
+            raise HarnessError(f"{_flag(key)} {text!r}: {err.message}") from None
+    try:
+        return Probe.from_keys(values, layers=_layers(args.layers))
+    except ProbeError as err:
+        flag = _flag(err.key) if err.key in PROBE_FIELDS else f"--{err.key}"
+        raise HarnessError(f"{flag}: {str(err).split(': ', 1)[1]}") from None
+
+
+def _field_arg(key: str):
+    """An argparse ``type`` that reads one probe field's value from its flag text."""
+    field_ = PROBE_FIELDS[key]
+
+    def convert(text: str) -> Any:
+        try:
+            return list(field_.coerce(field_.parse_text(text), key))
+        except FieldError as err:
+            raise argparse.ArgumentTypeError(err.message) from None
+
+    return convert
+
+
 def _add_extract(sub) -> None:
     p = sub.add_parser(
         "extract",
         help="run the sampler with capture and write a NetCDF extraction",
         description="Sample from a model with attention capture hooks and write frame x frame "
         "statistics (logits, mass) per step, layer and head to a NetCDF file. Every probe option "
-        "takes the values a spec's probe: key takes (specs/README.md).",
+        "takes the values a spec's probe: key takes (specs/README.md). --prompts and/or --seeds "
+        "make a population: the dataset gains a dim 'sample' with coordinates prompt and seed.",
         formatter_class=_Formatter,
     )
     p.add_argument(
@@ -94,37 +162,9 @@ def _add_extract(sub) -> None:
     )
     p.add_argument("--base-model", default=None, help="model dir giving a training checkpoint its architecture and text encoder")
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
-    p.add_argument("--layers", default="all", help="blocks to capture: all, or e.g. 0-3,5")
-    for key, field_ in PROBE_FIELDS.items():
-        if field_.kind == "bool" and field_.default is True:  # a switch that turns it off
-            p.add_argument("--no-" + key.replace("_", "-"), dest=f"probe_{key}", action="store_const", const="false",
-                           default=None, help=f"do not {field_.doc}")
-            continue
-        shown = ",".join(str(v) for v in field_.default) if isinstance(field_.default, tuple) else field_.default_text()
-        default = "" if field_.default is REQUIRED or "default:" in field_.doc else f" (default: {shown})"
-        choices = f"; one of {', '.join(field_.choices)}" if field_.choices else ""
-        p.add_argument(_flag(key), dest=f"probe_{key}", default=None, metavar=key.upper(),
-                       help=f"{field_.doc}{choices}{default}")
+    _add_probe_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)
-
-
-def probe_from_args(args: argparse.Namespace) -> Probe:
-    """The probe the extract flags describe, validated by the vocabulary (flag named on error)."""
-    values = {}
-    for key, field_ in PROBE_FIELDS.items():
-        text = getattr(args, f"probe_{key}")
-        if text is None:
-            continue
-        try:
-            values[key] = field_.coerce(field_.parse_text(text), key)
-        except FieldError as err:
-            raise HarnessError(f"{_flag(key)} {text!r}: {err.message}") from None
-    try:
-        return Probe.from_keys(values, layers=_layers(args.layers))
-    except ProbeError as err:
-        flag = _flag(err.key) if err.key in PROBE_FIELDS else f"--{err.key}"
-        raise HarnessError(f"{flag}: {str(err).split(': ', 1)[1]}") from None
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -138,6 +178,56 @@ def cmd_extract(args: argparse.Namespace) -> int:
     path = write_dataset(ds, args.out)
     sizes = ", ".join(f"{dim}={size}" for dim, size in ds.sizes.items())
     print(f"wrote {path} ({sizes}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="extract many checkpoints x prompts x seeds as tasks on a Dask cluster, merged into one dataset",
+        description="Run one probe over every checkpoint, prompt and seed as Dask tasks (a local cluster "
+        "or an existing scheduler), one part file per task; a rerun skips finished parts. Writes "
+        "OUT/sweep.nc (dims checkpoint, prompt, seed, then the extraction's) and OUT/report.html.",
+    )
+    models = p.add_mutually_exclusive_group(required=True)
+    models.add_argument("--models", nargs="+", metavar="MODEL", help="embedded names, model dirs or checkpoint files")
+    models.add_argument("--models-from", type=Path, metavar="FILE", help="a file listing models, one a line (# comments)")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompts", nargs="+", metavar="TEXT", help="text prompts (default: the probe's one prompt)")
+    prompts.add_argument("--prompts-from", type=Path, metavar="FILE", help="a file of prompts, one a line")
+    p.add_argument("--seeds", type=_field_arg("seeds"), default=[Probe().seed], help="noise seeds, e.g. 0-3,7 (default 0)")
+    p.add_argument("--base-model", default=None, help="model dir giving training checkpoints their architecture and text encoder")
+    p.add_argument("--out", type=Path, required=True, help="sweep directory: parts/, sweep.log, sweep.nc, report.html")
+    p.add_argument("--scheduler", default="local:1", help="local:N (a cluster of N workers here; one per GPU on CUDA) or a scheduler address")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per local worker (default: cores / workers)")
+    p.add_argument("--retries", type=int, default=2, help="times Dask reruns a part whose task raised")
+    p.add_argument("--resources", default="", help="what each task needs of a worker on an existing cluster, e.g. GPU=1")
+    p.add_argument("--report", type=Path, default=None, help="HTML report across checkpoints (default: OUT/report.html)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_probe_arguments(p, exclude=SWEPT_KEYS)
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from attn_harness.sampling.sweep import MERGED_NAME, parse_resources, read_list, sweep
+
+    if args.retries < 0 or (args.threads is not None and args.threads < 1):
+        raise HarnessError("--retries must be >= 0 and --threads >= 1")
+    models = args.models or read_list(args.models_from, resolve_paths=True)
+    prompts = args.prompts or (read_list(args.prompts_from, resolve_paths=False) if args.prompts_from else [Probe().prompt])
+    start = time.perf_counter()
+    ds = sweep(
+        models, prompts, args.seeds, probe_from_args(args), out=args.out, scheduler=args.scheduler,
+        base_model=args.base_model, retries=args.retries, threads=args.threads, resources=parse_resources(args.resources),
+        progress=False if args.no_progress else None,
+    )
+    sizes = ", ".join(f"{dim}={size}" for dim, size in ds.sizes.items())
+    print(f"wrote {args.out / MERGED_NAME} ({sizes}) in {time.perf_counter() - start:.1f} s")
+    if not args.no_report:
+        from attn_harness.report.sweep import render_sweep_report
+
+        print(f"wrote {render_sweep_report(ds, args.report or args.out / 'report.html')}")
     return 0
 
 
@@ -162,7 +252,10 @@ def cmd_import_legacy(args: argparse.Namespace) -> int:
     _refuse_overwrite(args.out, [args.file])
     ds = import_legacy(args.file, mask=args.mask)
     path = write_dataset(ds, args.out)
-    print(f"wrote {path}: layer {int(ds.layer[0])}, {ds.sizes['head']} heads, {ds.sizes['query_frame']} frames, mask {ds.attrs['mask']}")
+    print(
+        f"wrote {path}: layer {int(ds.layer[0])}, {ds.sizes['head']} heads, {ds.sizes['query_frame']} frames, "
+        f"mask {ds.attrs['mask']}"
+    )
     return 0
 
 
@@ -354,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats(sub)
     _add_plot(sub)
     _add_compare(sub)
+    _add_sweep(sub)
+    add_drift(sub)
     return parser
 
 

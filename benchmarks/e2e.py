@@ -57,7 +57,8 @@ def _pytest(specs: Path, tmp: Path, case: str) -> tuple[float, float]:
 
 def run(specs: Path, *, reps: int, env: dict) -> list[dict]:
     if not any(path.suffix in SPEC_SUFFIXES for path in specs.glob("**/*")):
-        return [{"name": "e2e/pytest-specs", "section": "e2e", "skipped": f"no spec files under {specs}", "ratio": None, "spread": None, "env": env}]
+        skipped = f"no spec files under {specs}"
+        return [{"name": "e2e/pytest-specs", "section": "e2e", "skipped": skipped, "ratio": None, "spread": None, "env": env}]
     wall: dict[str, list[float]] = {case: [] for case in CASES}
     cpu: dict[str, list[float]] = {case: [] for case in CASES}
     for _ in range(reps):

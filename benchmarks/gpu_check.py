@@ -42,7 +42,9 @@ def _reset_peak(device: torch.device) -> None:
 
 def sample(model, inputs: dict, steps: int, device: torch.device, recorder: Recorder | None) -> list[float]:
     """Seconds per sampling step (one conditional forward + scheduler update each)."""
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0, num_train_timesteps=1000)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0, num_train_timesteps=1000
+    )
     scheduler.set_timesteps(steps, device=device)
     latents = inputs["hidden_states"].float()
     seconds = []
@@ -51,7 +53,8 @@ def sample(model, inputs: dict, steps: int, device: torch.device, recorder: Reco
         start = time.perf_counter()
         if recorder is not None:
             recorder.step = step
-        velocity = model(**{**inputs, "hidden_states": latents.to(inputs["hidden_states"].dtype), "timestep": timestep.expand(1)})[0]
+        step_inputs = {**inputs, "hidden_states": latents.to(inputs["hidden_states"].dtype), "timestep": timestep.expand(1)}
+        velocity = model(**step_inputs)[0]
         latents = scheduler.step(velocity.float(), timestep, latents, return_dict=False)[0]
         _sync(device)
         seconds.append(time.perf_counter() - start)
@@ -95,7 +98,9 @@ def check(shape: Shape, *, steps: int, dtype: torch.dtype, device: torch.device,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/gpu_check.sh", description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="wan", help="wan: the full 1.3B shape; tiny: a CPU-sized stand-in")
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default="wan", help="wan: the full 1.3B shape; tiny: a CPU-sized stand-in"
+    )
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="alternating plain/capture runs of --steps steps each")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
@@ -110,10 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device is available: use --device cpu --shape tiny")
     result = check(SHAPES[args.shape], steps=args.steps, dtype=DTYPES[args.dtype], device=device, repeats=args.repeats)
     gib = lambda n: "n/a (CPU)" if n is None else f"{n / 2**30:.2f} GiB"  # noqa: E731
-    print(f"{result['shape']['shape']} on {result.get('gpu', result['device'])}, {result['dtype']}, {result['shape']['tokens']} tokens, {args.steps} steps")
-    print(f"  per step, plain:                          {result['seconds_per_step_plain']:.3f} s   peak {gib(result['peak_bytes_plain'])}")
-    print(f"  per step, capture logits+mass, {result['captured_layers']} layers: {result['seconds_per_step_capture']:.3f} s   peak {gib(result['peak_bytes_capture'])}")
-    print(f"  ratio {result['ratio']:.3f}; mass rows sum to 1 within {result['mass_row_sum_max_error']:.2e} (finite: {result['mass_finite']})")
+    where = result.get("gpu", result["device"])
+    print(f"{result['shape']['shape']} on {where}, {result['dtype']}, {result['shape']['tokens']} tokens, {args.steps} steps")
+    plain, capture = result["seconds_per_step_plain"], result["seconds_per_step_capture"]
+    print(f"  per step, plain:                          {plain:.3f} s   peak {gib(result['peak_bytes_plain'])}")
+    layers = result["captured_layers"]
+    print(f"  per step, capture logits+mass, {layers} layers: {capture:.3f} s   peak {gib(result['peak_bytes_capture'])}")
+    row_error = result["mass_row_sum_max_error"]
+    print(f"  ratio {result['ratio']:.3f}; mass rows sum to 1 within {row_error:.2e} (finite: {result['mass_finite']})")
     if args.kernels and device.type == "cuda" and args.shape == "wan":
         from benchmarks import kernels_gpu
         from benchmarks.run import table

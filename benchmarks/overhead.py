@@ -45,7 +45,9 @@ def forward_cases(model, inputs: dict, tokens_per_frame: int) -> dict[str, Calla
     return cases
 
 
-def run(shape: Shape, *, reps: int, warmup: int, env: dict, dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[dict]:
+def run(
+    shape: Shape, *, reps: int, warmup: int, env: dict, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> list[dict]:
     model = build_model(shape, dtype=dtype, device=device)
     inputs = model_inputs(shape, dtype=dtype, device=device)
     samples = interleaved(forward_cases(model, inputs, shape.tokens_per_frame), reps=reps, warmup=warmup, device=device)

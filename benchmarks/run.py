@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import e2e, logits_cpu, overhead, scaling, seed_method
+from benchmarks import e2e, logits_cpu, overhead, scaling, seed_method, sweep
 from benchmarks.shapes import EMBEDDED, MID, MID_QUICK, SMOKE, WAN_1_3B, Shape
 from benchmarks.timing import environment
 
-SECTIONS = ("overhead", "seed-method", "scaling", "e2e", "logits-cpu", "kernels")
+SECTIONS = ("overhead", "seed-method", "scaling", "e2e", "logits-cpu", "kernels", "sweep")
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,15 @@ class Profile:
     logits_frames: tuple[int, ...]
     e2e_reps: int
     logits_cpu_tokens: tuple[int, ...] = (7800, 32760)
+    sweep_reps: int = 2
 
 
 PROFILES = {
-    "full": Profile(5, 1, (EMBEDDED, MID), (1560, 3120, 4680, 7800), (1560, 3120, 4680, 7800), 1560, (2, 3, 4, 5), 1560, (3, 6, 12, 21), 5),
-    "quick": Profile(5, 1, (EMBEDDED, MID_QUICK), (1560, 3120), (1560, 7800), 1560, (1, 2, 3, 4), 780, (3, 6, 12, 21), 1),
-    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0, (16, 32)),
+    "full": Profile(
+        5, 1, (EMBEDDED, MID), (1560, 3120, 4680, 7800), (1560, 3120, 4680, 7800), 1560, (2, 3, 4, 5), 1560, (3, 6, 12, 21), 5, sweep_reps=3
+    ),
+    "quick": Profile(5, 1, (EMBEDDED, MID_QUICK), (1560, 3120), (1560, 7800), 1560, (1, 2, 3, 4), 780, (3, 6, 12, 21), 1, sweep_reps=2),
+    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0, (16, 32), sweep_reps=0),
 }
 
 
@@ -55,7 +58,9 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
             records += overhead.run(shape, reps=profile.reps, warmup=profile.warmup, env=env, device=device)
         if device.startswith("cuda"):
             log(f"[overhead] {WAN_1_3B.name} (bfloat16): {WAN_1_3B.tokens} tokens")
-            records += overhead.run(WAN_1_3B, reps=profile.reps, warmup=profile.warmup, env=env, dtype=torch.bfloat16, device=device)
+            records += overhead.run(
+                WAN_1_3B, reps=profile.reps, warmup=profile.warmup, env=env, dtype=torch.bfloat16, device=device
+            )
     if "seed-method" in sections:
         log(f"[seed-method] time at {profile.seed_time_tokens} tokens, peak memory at {profile.seed_memory_tokens}")
         records += seed_method.run(
@@ -64,7 +69,8 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
         )
     if "scaling" in sections:
         log(f"[scaling] {profile.scaling_frames} frames of {profile.scaling_tokens_per_frame} tokens")
-        records += scaling.run(list(profile.scaling_frames), profile.scaling_tokens_per_frame, reps=profile.reps, warmup=profile.warmup, env=env)
+        timing = {"reps": profile.reps, "warmup": profile.warmup, "env": env}
+        records += scaling.run(list(profile.scaling_frames), profile.scaling_tokens_per_frame, **timing)
         log(f"[scaling] logits alone on {profile.logits_frames} frames of {profile.scaling_tokens_per_frame} tokens")
         records += scaling.run_logits_wide(list(profile.logits_frames), profile.scaling_tokens_per_frame, reps=profile.reps, warmup=profile.warmup, env=env)
     if "logits-cpu" in sections:
@@ -81,6 +87,9 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
     if "e2e" in sections and profile.e2e_reps:
         log(f"[e2e] pytest {specs}: cold cache, warm cache, warm with report, collect-only")
         records += e2e.run(specs, reps=profile.e2e_reps, env=env)
+    if "sweep" in sections and profile.sweep_reps:
+        log(f"[sweep] {len(sweep.MODELS)} models x {len(sweep.PROMPTS)} prompts x {len(sweep.SEEDS)} seeds: 2 workers vs 1 (1 torch thread each)")
+        records += sweep.run(reps=profile.sweep_reps, env=env)
     return records
 
 
@@ -99,7 +108,9 @@ def table(records: list[dict]) -> str:
         if "skipped" in rec:
             lines.append(f"{rec['name']:58} {'-':>12} {'-':>7} {'-':>8}  skipped: {rec['skipped']}")
         elif "exponent" in rec:
-            lines.append(f"{rec['name']:58} {'-':>12} {'-':>7} {rec['ratio']:8.3f}  exponent {rec['exponent']:.2f} (ratio: to {rec['baseline'].rsplit('/', 1)[-1]}'s)")
+            baseline = rec["baseline"].rsplit("/", 1)[-1]
+            exponent = f"exponent {rec['exponent']:.2f} (ratio: to {baseline}'s)"
+            lines.append(f"{rec['name']:58} {'-':>12} {'-':>7} {rec['ratio']:8.3f}  {exponent}")
         elif "median_bytes" in rec:
             note = rec.get("note", "")
             if "times_less_than_naive" in rec:
@@ -153,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
     start = time.perf_counter()
-    records = run(profile, sections, device=args.device, specs=args.specs, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    records = run(profile, sections, device=args.device, specs=args.specs, log=log)
     print(table(records))
     print(f"({len(records)} records in {time.perf_counter() - start:.0f} s, {torch.get_num_threads()} torch thread(s))")
     if args.json:

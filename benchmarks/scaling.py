@@ -38,11 +38,13 @@ def run(frame_counts: list[int], tokens_per_frame: int, *, reps: int, warmup: in
             "mass": lambda: frame_stats(q, k, tokens_per_frame, metrics=("mass",)),
         }
         samples = interleaved(cases, reps=reps, warmup=warmup)
-        params = {"tokens": tokens, "latent_frames": frames, "tokens_per_frame": tokens_per_frame, "heads": HEADS, "head_dim": HEAD_DIM}
+        params = {
+            "tokens": tokens, "latent_frames": frames, "tokens_per_frame": tokens_per_frame, "heads": HEADS, "head_dim": HEAD_DIM
+        }
         records += timing_records("scaling", samples, "attention", env, params, prefix=f"scaling/{tokens}/")
         for name, values in samples.items():
             medians.setdefault(name, []).append((tokens, summary(values)["median_s"]))
-        del q, k, v, cases
+        q = k = v = cases = None  # free this size's tensors before the next size allocates
     records += _exponent_records(medians, "attention", env)
     return records
 
@@ -62,15 +64,19 @@ def run_logits_wide(frame_counts: list[int], tokens_per_frame: int, *, reps: int
             "logits": lambda: frame_stats(q, k, tokens_per_frame, metrics=("logits",)),
         }
         samples = interleaved(cases, reps=reps, warmup=warmup)
-        params = {"tokens": tokens, "latent_frames": frames, "tokens_per_frame": tokens_per_frame, "heads": HEADS, "head_dim": HEAD_DIM}
+        params = {
+            "tokens": tokens, "latent_frames": frames, "tokens_per_frame": tokens_per_frame, "heads": HEADS, "head_dim": HEAD_DIM
+        }
         records += timing_records("scaling-logits", samples, "read-qk", env, params, prefix=f"scaling-logits/{tokens}/")
         for name, values in samples.items():
             medians.setdefault(name, []).append((tokens, summary(values)["median_s"]))
-        del q, k, cases
+        q = k = cases = None
     return records + _exponent_records(medians, "read-qk", env, prefix="scaling-logits")
 
 
-def _exponent_records(medians: dict[str, list[tuple[int, float]]], baseline: str, env: dict, prefix: str = "scaling") -> list[dict]:
+def _exponent_records(
+    medians: dict[str, list[tuple[int, float]]], baseline: str, env: dict, prefix: str = "scaling"
+) -> list[dict]:
     records = []
     exponents = {name: fitted_exponent(*map(list, zip(*points))) for name, points in medians.items()}
     for name, points in medians.items():

@@ -79,7 +79,9 @@ def peak_extra_bytes(method: str, tokens: int, tokens_per_frame: int, heads: int
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
 
-def run(token_counts: list[int], tokens_per_frame: int, *, reps: int, warmup: int, env: dict, memory_tokens: list[int]) -> list[dict]:
+def run(
+    token_counts: list[int], tokens_per_frame: int, *, reps: int, warmup: int, env: dict, memory_tokens: list[int]
+) -> list[dict]:
     records = []
     for tokens in token_counts:
         q, k = make_qk(tokens)

@@ -19,8 +19,11 @@ def brute_force_stats(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, m
         scores = scores.masked_fill(~token_mask, float("-inf"))
         logits = logits.masked_fill(~mask, float("nan"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row attends to nothing
-    mass = probs.unflatten(2, (frames, tokens_per_frame)).unflatten(4, (frames, tokens_per_frame)).sum(5).mean(3)
-    return {"logits": logits, "mass": mass}
+    blocks = probs.unflatten(2, (frames, tokens_per_frame)).unflatten(4, (frames, tokens_per_frame))
+    mass = blocks.sum(5).mean(3)
+    # aligned: query at position p of frame a -> key at position p of frame b (diagonal of each block)
+    aligned_mass = torch.diagonal(blocks, dim1=3, dim2=5).mean(-1)
+    return {"logits": logits, "mass": mass, "aligned_mass": aligned_mass}
 
 
 @torch.no_grad()

@@ -87,9 +87,9 @@ def test_check_baseline_writes_a_missing_baseline_and_fails(tmp_path, pytestconf
     path = tmp_path / "spec" / "layer3.nc"
     ds = layer_slice(make_ds(), 3)
     with pytest.raises(pytest.fail.Exception, match="created"):
-        check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, item_name="baseline", regen_command="pytest x")
+        check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, regen_command="pytest x")
     assert path.is_file() and not obtained_file(path).exists()
-    check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, item_name="baseline", regen_command="pytest x")
+    check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, regen_command="pytest x")
     assert not obtained_file(path).exists()
 
 
@@ -100,7 +100,7 @@ def test_check_baseline_failure_leaves_obtained_file_and_says_how_to_regenerate(
     changed = ds.copy(deep=True)
     changed["logits"][dict(step=0, layer=0, head=1, query_frame=2, key_frame=2)] += 1.0
     with pytest.raises(AssertionError) as info:
-        check_baseline(changed, path, DEFAULT_TOLERANCES, config=pytestconfig, item_name="baseline",
+        check_baseline(changed, path, DEFAULT_TOLERANCES, config=pytestconfig,
                        regen_command="pytest 'specs/x.yaml::s::layer3::baseline'")
     message = str(info.value)
     assert "step=0 layer=3 head=1 query_frame=2 key_frame=2" in message
@@ -113,8 +113,110 @@ def test_a_corrupt_baseline_fails_naming_the_file_and_how_to_regenerate(tmp_path
     path = tmp_path / "layer3.nc"
     path.write_text("not netcdf")
     with pytest.raises(AssertionError) as info:
-        check_baseline(layer_slice(make_ds(), 3), path, DEFAULT_TOLERANCES, config=pytestconfig, item_name="baseline",
+        check_baseline(layer_slice(make_ds(), 3), path, DEFAULT_TOLERANCES, config=pytestconfig,
                        regen_command="pytest 'specs/x.yaml::s::layer3::baseline'")
     message = str(info.value)
     assert message.startswith(f"baseline {path} cannot be read:") and "not a NetCDF4/HDF5 file" in message
     assert "pytest 'specs/x.yaml::s::layer3::baseline' --force-regen" in message
+
+
+# --- environment classes: variants, cross-environment tolerance, regeneration ----------------------
+
+
+class Options:
+    """The two pytest-regressions options check_baseline reads, as a run would set them."""
+
+    def __init__(self, force_regen: bool = False, regen_all: bool = False) -> None:
+        self.values = {"force_regen": force_regen, "regen_all": regen_all}
+
+    def getoption(self, name, default=None):
+        return self.values.get(name, default)
+
+
+CROSS = {"logits": Tolerance(atol=1e-3, rtol=1e-4), "mass": Tolerance(atol=5e-4, rtol=1e-4)}
+
+
+def cuda_run(shift: float = 0.0, **attrs):
+    """Layer 3 of make_ds() as a CUDA float32 run whose logits moved by ``shift`` everywhere."""
+    ds = layer_slice(make_ds(device="cuda:0", **attrs), 3)
+    ds["logits"] = ds["logits"] + shift
+    return ds
+
+
+def check(ds, path, options=Options(), cross_env=None):
+    return check_baseline(ds, path, DEFAULT_TOLERANCES, config=options, regen_command="pytest 'x::baseline'",
+                          cross_env=cross_env, spec_location="specs/x.yaml:44")
+
+
+@pytest.fixture
+def cpu_baseline(tmp_path):
+    path = tmp_path / "layer3.nc"
+    store.write_dataset(layer_slice(make_ds(), 3), path)
+    return path
+
+
+def test_another_environment_without_variant_or_cross_tolerance_fails_saying_how_to_add_either(cpu_baseline):
+    before = cpu_baseline.read_bytes()
+    with pytest.raises(AssertionError) as info:
+        check(cuda_run(), cpu_baseline)  # even identical values: the classes differ and nothing says how to judge
+    message = str(info.value)
+    assert f"baseline {cpu_baseline} was made in environment cpu-float32; this run is cuda-float32" in message
+    assert f"pytest 'x::baseline' --force-regen (writes {cpu_baseline.parent / 'layer3.cuda-float32.nc'}" in message
+    assert "a cross-environment tolerance at specs/x.yaml:44" in message and "cross_env: {logits:" in message
+    assert cpu_baseline.read_bytes() == before and sorted(p.name for p in cpu_baseline.parent.iterdir()) == ["layer3.nc"]
+
+
+def test_cross_environment_tolerance_is_used_and_named(cpu_baseline):
+    done = check(cuda_run(shift=5e-4), cpu_baseline, cross_env=CROSS)  # beyond 1e-4, within 1e-3
+    assert done.file == cpu_baseline and "cross-environment tolerance (cpu-float32 baseline, cuda-float32 run)" in done.tolerance
+    assert "logits atol=0.001 rtol=0.0001" in done.tolerance
+    with pytest.raises(AssertionError) as info:
+        check(cuda_run(shift=5e-3), cpu_baseline, cross_env=CROSS)
+    message = str(info.value)
+    assert message.startswith(f"baseline {cpu_baseline} differs from this run beyond the cross-environment tolerance")
+    assert "logits atol=0.001 rtol=0.0001, mass atol=0.0005 rtol=0.0001" in message
+
+
+def test_a_committed_variant_for_the_runs_class_wins_with_the_same_environment_tolerance(cpu_baseline):
+    variant = cpu_baseline.parent / "layer3.cuda-float32.nc"
+    store.write_dataset(cuda_run(shift=5e-3), variant)
+    done = check(cuda_run(shift=5e-3), cpu_baseline, cross_env=CROSS)
+    assert done.file == variant and "(cuda-float32 tolerance)" in done.tolerance and "atol=0.0001" in done.tolerance
+    with pytest.raises(AssertionError, match="layer3.cuda-float32.nc differs from this run beyond the cuda-float32 tolerance"):
+        check(cuda_run(shift=5e-3 + 3e-4), cpu_baseline, cross_env=CROSS)
+
+
+def test_force_regen_writes_the_variant_for_the_runs_class_only(cpu_baseline):
+    before = cpu_baseline.read_bytes()
+    with pytest.raises(pytest.fail.Exception, match="variant .*layer3.cuda-float32.nc written for cuda-float32"):
+        check(cuda_run(shift=5e-3), cpu_baseline, Options(force_regen=True))
+    assert cpu_baseline.read_bytes() == before
+    assert store.read_dataset(cpu_baseline.parent / "layer3.cuda-float32.nc").attrs["device"] == "cuda:0"
+    check(cuda_run(shift=5e-3), cpu_baseline)  # from now on the variant is the CUDA baseline
+
+
+def test_force_regen_beyond_the_cross_tolerance_writes_the_variant_not_the_cpu_baseline(cpu_baseline):
+    before = cpu_baseline.read_bytes()
+    with pytest.raises(pytest.fail.Exception, match="rewritten from this run"):
+        check(cuda_run(shift=5e-3), cpu_baseline, Options(force_regen=True), cross_env=CROSS)
+    assert cpu_baseline.read_bytes() == before and (cpu_baseline.parent / "layer3.cuda-float32.nc").is_file()
+
+
+def test_a_baseline_without_environment_class_attr_is_classed_by_device_and_dtype(cpu_baseline):
+    assert "environment_class" not in store.read_dataset(cpu_baseline).attrs
+    assert check(layer_slice(make_ds(), 3), cpu_baseline).action == "compared"
+
+
+def test_regen_all_keeps_a_baseline_within_tolerance_and_rewrites_on_a_real_change(cpu_baseline):
+    stat = cpu_baseline.stat()
+    moved = layer_slice(make_ds(torch_version="2.14.0", created="later"), 3)
+    moved["logits"] = moved["logits"] + 2e-6  # a version bump's noise
+    done = check(moved, cpu_baseline, Options(regen_all=True))
+    assert done.action == "kept" and cpu_baseline.stat().st_mtime_ns == stat.st_mtime_ns
+    done = check(layer_slice(make_ds(checkpoint_fingerprint="def"), 3), cpu_baseline, Options(regen_all=True))
+    assert done.action == "rewritten" and "provenance changed: checkpoint_fingerprint: baseline 'abc' vs obtained 'def'" in done.reason
+    changed = layer_slice(make_ds(checkpoint_fingerprint="def"), 3)
+    changed["logits"] = changed["logits"] + 0.01
+    done = check(changed, cpu_baseline, Options(regen_all=True))
+    assert done.action == "rewritten" and done.reason.startswith("values changed: logits: 96 of 96 cells differ")
+    assert store.read_dataset(cpu_baseline)["logits"].equals(changed["logits"])

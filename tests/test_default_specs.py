@@ -20,6 +20,8 @@ SPEC_FILE = Path(__file__).resolve().parents[1] / "specs" / "tiny_default.yaml"
 STRUCTURAL = {"sink_heads", "sink_score", "diagonal_dominance", "temporal_decay"}
 SPECS = load_specs(SPEC_FILE)
 
+pytestmark = pytest.mark.numerics  # bitwise/tolerance claims: CI reruns them under forced CPU ISAs
+
 
 def checks_of(spec):
     for group in spec.groups:

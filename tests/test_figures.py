@@ -1,7 +1,7 @@
 """The seed's figures, generalised: shapes, scales, frame units, highlights and files on disk.
 
 Statistics drawn in figures are checked against brute-force float64 NumPy oracles written
-here from DESIGN.md section 3 (not against attn_harness.core.metrics, which the figures call).
+here from docs/design.md, "Statistics" (not against attn_harness.core.metrics, which the figures call).
 Tolerance 1e-5 absolute: the data is float32 and the oracle reads the same float32 values.
 """
 
@@ -213,7 +213,7 @@ def test_layer_head_overview_maps_sink_scores_per_layer_and_head():
     ds = planted_dataset(steps=1, layers=3)
     fig = figures.layer_head_overview(ds, 0)
     sink_grid = np.asarray(image_axes(fig)[0].images[0].get_array())
-    expected = np.stack([oracle_sink(ds.logits.sel(step=0, layer=l).values, [6, 7, 8]) for l in range(3)])
+    expected = np.stack([oracle_sink(ds.logits.sel(step=0, layer=layer).values, [6, 7, 8]) for layer in range(3)])
     np.testing.assert_allclose(sink_grid, expected, atol=TOL)
     assert image_axes(fig)[0].get_ylabel() == "layer"
 

@@ -305,7 +305,7 @@ def test_tokens_per_frame_is_the_patch_grid(rows, cols, spatial_stride, patch_h,
     assert frames.tokens_per_frame(height, width, spatial_stride, (patch_h, patch_w)) == rows * cols
 
 
-# Wan2.1 facts (DESIGN.md section 2).
+# Wan2.1 facts (docs/design.md, "Frame geometry").
 
 
 def test_wan_geometry_facts():

@@ -48,18 +48,24 @@ def assert_same(fast: xr.Dataset, slow: xr.Dataset) -> None:
 @pytest.mark.parametrize("mask", ["bidirectional", "block-causal"])
 def test_an_extraction_written_by_the_store_reads_back_as_xarray_reads_it(tmp_path, mask):
     path = store.write_dataset(extraction(mask), tmp_path / "x.nc")
-    fast = read_plain(path)
+    fast, slow = read_plain(path), via_xarray(path)
+    if "sample" in slow.dims:  # a population's prompt coordinate holds strings: left to xarray
+        assert fast is None
+        return
     assert fast is not None
-    assert_same(fast, via_xarray(path))
+    assert_same(fast, slow)
     if mask == "block-causal":
         assert int(fast["logits"].isnull().sum()) == 2 * 3 * 2 * 3 * 3  # the masked cells stay NaN
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "baselines").glob("*/*.nc")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_the_committed_baselines_read_as_xarray_reads_them(path):
-    fast = read_plain(path)
+    fast, slow = read_plain(path), via_xarray(path)
+    if "sample" in slow.dims:  # a population's prompt coordinate holds strings: left to xarray
+        assert fast is None
+        return
     assert fast is not None
-    assert_same(fast, via_xarray(path))
+    assert_same(fast, slow)
 
 
 def _with_units(path: Path) -> None:

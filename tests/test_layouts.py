@@ -19,6 +19,8 @@ from attn_harness.model import layouts
 from attn_harness.core.errors import HarnessError
 from attn_harness.model.models import TINY_CONFIG, build_tiny_random, load_model
 
+pytestmark = pytest.mark.numerics  # bitwise/tolerance claims: CI reruns them under forced CPU ISAs
+
 # diffusers name -> original Wan name, applied in order (the inverse of diffusers' rename table).
 _TO_ORIGINAL = (
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
@@ -249,3 +251,14 @@ def test_unknown_head_count_asks_for_base_model(tmp_path):
     state = {"patch_embedding.weight": torch.zeros(100, 16, 1, 2, 2)}
     with pytest.raises(HarnessError, match="hidden width 100 .* pass --base-model DIR"):
         layouts.infer_config(state, tmp_path / "x.pt")
+
+
+def test_loaded_weights_have_the_memory_layout_of_an_in_process_model(tmp_path, reference):
+    """What makes the bitwise claims above hold on every CPU: MKL's non-AVX-512 sgemm (AMD hosts,
+    ``MKL_ENABLE_INSTRUCTIONS=SSE4_2`` on Intel) rounds differently for operands that are not
+    64-byte aligned, and safetensors hands out unaligned tensors; the loader copies them."""
+    reference.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path).transformer
+    for name, param in [*reference.named_parameters(), *loaded.named_parameters()]:
+        assert param.is_contiguous() and param.data_ptr() % 64 == 0, name
+        assert param.untyped_storage().nbytes() == param.numel() * param.element_size(), name

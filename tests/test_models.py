@@ -100,9 +100,11 @@ def test_cli_extracts_a_rollout_from_a_checkpoint_with_base_model_and_prompt_emb
     checkpoint = _checkpoint(tmp_path)
     write_original_dir(build_tiny_random(), tmp_path / "base")
     out = tmp_path / "rollout.nc"
-    args = ["extract", "--model", str(checkpoint), "--base-model", str(tmp_path / "base"), "--prompt-embeds", str(_embeds(tmp_path)),
+    args = ["extract", "--model", str(checkpoint), "--base-model", str(tmp_path / "base"),
+            "--prompt-embeds", str(_embeds(tmp_path)),
             "--mask", "block-causal", "--mode", "rollout", "--frames", "21", "--height", "32", "--width", "32",
-            "--sample-steps", "2", "--steps", "last", "--layers", "0,3", "--device", "cpu", "--dtype", "float16", "--no-progress", "--out", str(out)]
+            "--sample-steps", "2", "--steps", "last", "--layers", "0,3", "--device", "cpu", "--dtype", "float16",
+            "--no-progress", "--out", str(out)]
     assert main(args) == 0
     ds = read_dataset(out)
     assert ds.attrs["mode"] == "rollout" and ds.attrs["dtype"] == "float16" and ds.logits.dtype == np.float32

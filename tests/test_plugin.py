@@ -16,7 +16,8 @@ from attn_harness.core.results import Results
 pytest_plugins = ["pytester"]
 
 # Once installed with its pytest11 entry point the plugin loads by itself; before that, ask for it.
-PLUGIN_ARGS = [] if any(ep.name == "attn_harness" for ep in entry_points(group="pytest11")) else ["-p", "attn_harness.pytest.plugin"]
+REGISTERED = any(ep.name == "attn_harness" for ep in entry_points(group="pytest11"))
+PLUGIN_ARGS = [] if REGISTERED else ["-p", "attn_harness.pytest.plugin"]
 
 SPEC = """\
 specs:
@@ -68,7 +69,7 @@ def test_items_have_readable_ids_and_a_missing_baseline_is_written_then_passes(p
         "specs/mini.yaml::mini::layer1::value_range PASSED*",
         "specs/mini.yaml::mini::layer3::sink_heads PASSED*",
         "specs/mini.yaml::mini::layer3::baseline FAILED*",
-        "*File not found in data directory, created:*",
+        "*baseline */baselines/mini/layer3.nc did not exist: created from this run (environment cpu-float32)*",
     ])
     assert (pytester.path / "baselines" / "mini" / "layer3.nc").is_file()
     project.run().assert_outcomes(passed=4)
@@ -115,7 +116,7 @@ def test_perturbed_baseline_fails_with_named_diff_and_regen_flags(project, pytes
     result.stdout.fnmatch_lines([
         "*logits: 1 of 324 cells differ (0.31%) beyond atol=0.0001 rtol=0.0001",
         "*max abs diff 0.25 at step=0 layer=3 head=2 query_frame=4 key_frame=1*",
-        "*pytest 'specs/mini.yaml::mini::layer3::baseline' --force-regen",
+        "*pytest 'specs/mini.yaml::mini::layer3::baseline' --force-regen (writes */baselines/mini/layer3.nc)",
     ])
     assert (baseline.parent / "layer3.obtained.nc").is_file()
     report = pytester.path / "reports" / "latest" / "index.html"

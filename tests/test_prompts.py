@@ -84,6 +84,7 @@ def test_prompt_embeds_without_negative_and_without_encoder_asks_for_one_under_c
     assert ds.attrs["negative_prompt_embedding_fingerprint"] == ""
 
 
+@pytest.mark.numerics  # bitwise across load paths: CI reruns it under forced CPU ISAs
 def test_prompt_embeds_file_reproduces_the_embedded_models_run_on_a_checkpoint_dir(tmp_path):
     build_tiny_random().save_pretrained(tmp_path / "model")
     prompt = hash_prompt_embedding(PROBE.prompt, TINY_TEXT_TOKENS, TEXT_DIM)
@@ -95,7 +96,8 @@ def test_prompt_embeds_file_reproduces_the_embedded_models_run_on_a_checkpoint_d
     np.testing.assert_array_equal(from_file.logits.values, embedded.logits.values)
     assert from_file.attrs["prompt_embedding_fingerprint"] == embedding_fingerprint(prompt)
     assert from_file.attrs["prompt_encoder"] == f"prompt embeddings file {tmp_path / 'e.safetensors'}"
-    other = extract("tiny-random", PROBE.replace(prompt_embeds=str(tmp_path / "e.safetensors"), prompt="something else"), progress=False)
+    probe = PROBE.replace(prompt_embeds=str(tmp_path / "e.safetensors"), prompt="something else")
+    other = extract("tiny-random", probe, progress=False)
     np.testing.assert_array_equal(other.logits.values, embedded.logits.values)  # the file wins over the prompt text
 
 
@@ -115,7 +117,9 @@ def word_tokenizer():
     tokenizer = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def tiny_umt5(seed: int, d_kv: int = 16):
@@ -194,7 +198,8 @@ def test_original_umt5_pth_is_named_in_the_error_with_what_to_do_instead(tmp_pat
 
     write_original_dir(build_tiny_random(), tmp_path / "wan")
     (tmp_path / "wan" / "models_t5_umt5-xxl-enc-bf16.pth").write_bytes(b"")
-    with pytest.raises(HarnessError, match="found models_t5_umt5-xxl-enc-bf16.pth but no google/umt5-xxl/ tokenizer.*--prompt-embeds"):
+    expected = "found models_t5_umt5-xxl-enc-bf16.pth but no google/umt5-xxl/ tokenizer.*--prompt-embeds"
+    with pytest.raises(HarnessError, match=expected):
         load_model(tmp_path / "wan").encode_prompt("a red square")
 
 
@@ -207,7 +212,10 @@ _TO_WAN = (
     (r"encoder\.final_layer_norm\.weight", "norm.weight"),
     (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
     (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", r"blocks.\1.attn.\2.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", r"blocks.\1.pos_embedding.embedding.weight"),
+    (
+        r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
+        r"blocks.\1.pos_embedding.embedding.weight",
+    ),
     (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
     (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight", r"blocks.\1.ffn.gate.0.weight"),
     (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
@@ -302,8 +310,13 @@ def test_extract_on_an_original_dir_encodes_prompts_without_prompt_embeds(tmp_pa
     "change, message",
     [
         (
-            lambda s: {**s, "pos_embedding.embedding.weight": s["blocks.0.pos_embedding.embedding.weight"], "head.weight": s["norm.weight"]},
-            r"not a Wan umT5 encoder state dict; unexpected keys head\.weight, pos_embedding\.embedding\.weight \(expected Wan's T5Encoder",
+            lambda s: {
+                **s,
+                "pos_embedding.embedding.weight": s["blocks.0.pos_embedding.embedding.weight"],
+                "head.weight": s["norm.weight"],
+            },
+            r"not a Wan umT5 encoder state dict; unexpected keys head\.weight, pos_embedding\.embedding\.weight "
+            r"\(expected Wan's T5Encoder",
         ),
         (
             lambda s: {k: v for k, v in s.items() if k != "blocks.1.ffn.fc2.weight"},

@@ -62,7 +62,9 @@ def _teacher_forced_rows(tiny, context: torch.Tensor, block: torch.Tensor, times
     latent_frames, tpf = x.shape[2], (x.shape[3] // 2) * (x.shape[4] // 2)
     mask = torch.from_numpy(frames.block_causal_mask(latent_frames, block_size))
     recorder = Recorder(tokens_per_frame=tpf, mask=mask, active=True)
-    per_token = torch.cat([torch.full((context.shape[2] * tpf,), float(context_timestep)), torch.full((block.shape[2] * tpf,), float(timestep))])
+    per_token = torch.cat(
+        [torch.full((context.shape[2] * tpf,), float(context_timestep)), torch.full((block.shape[2] * tpf,), float(timestep))]
+    )
     with torch.inference_mode(), capture(tiny.transformer, [0, 3], recorder):
         tiny.transformer(hidden_states=x, timestep=per_token[None], encoder_hidden_states=cond, return_dict=False)
     return recorder.records

@@ -86,7 +86,8 @@ def test_misspelled_parameter_names_its_line(tmp_path):
 
 
 def test_misspelled_spec_and_probe_keys(tmp_path):
-    assert "unknown key 'modle' in spec (did you mean 'model'?)" in str(error_of(tmp_path, GOOD.replace("    model:", "    modle:")))
+    error = error_of(tmp_path, GOOD.replace("    model:", "    modle:"))
+    assert "unknown key 'modle' in spec (did you mean 'model'?)" in str(error)
     err = error_of(tmp_path, GOOD.replace("sample_steps: 4", "sample_step: 4"))
     assert err.line == 8 and "(did you mean 'sample_steps'?)" in str(err)
 

@@ -21,7 +21,8 @@ from attn_harness.core.spec import DEFAULT_TOLERANCES, load_specs
 from attn_harness.sampling.cache import ExtractionCache, resolved_device
 from tests.test_baseline import make_ds
 
-PLUGIN_ARGS = [] if any(ep.name == "attn_harness" for ep in entry_points(group="pytest11")) else ["-p", "attn_harness.pytest.plugin"]
+REGISTERED = any(ep.name == "attn_harness" for ep in entry_points(group="pytest11"))
+PLUGIN_ARGS = [] if REGISTERED else ["-p", "attn_harness.pytest.plugin"]
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 # Loaded as the project's conftest: which heavy modules the session imported, written at its end.
 PROBE = f"""\
@@ -195,7 +196,7 @@ def test_a_matching_baseline_is_decided_in_memory_and_writes_nothing(tmp_path, p
     obtained_file(path).write_bytes(b"left by an earlier failing run")
     before = path.stat().st_mtime_ns
     assert matches_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig)
-    check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, item_name="baseline", regen_command="pytest x")
+    check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, regen_command="pytest x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layer3.nc"] and path.stat().st_mtime_ns == before
 
 

@@ -9,15 +9,13 @@ the models from the same data.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import attn_harness
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.fingerprint import files_fingerprint
+from attn_harness.core.fingerprint import files_fingerprint, sha256_json
 from attn_harness.core.layout import detect_layout, read_json
 
 # The embedded tiny model: Wan's architecture (patch (1,2,2), q/k RMSNorm across heads, 3-D
@@ -92,7 +90,7 @@ def built_identity(name: str) -> str:
     metadata, so torch is not imported."""
     if name not in BUILT:
         raise HarnessError(f"{name!r} is not built in process; one of {', '.join(BUILT)}")
-    config = hashlib.sha256(json.dumps(TINY_CONFIG, sort_keys=True).encode()).hexdigest()[:16]
+    config = sha256_json(TINY_CONFIG)[:16]
     versions = " ".join(f"{dist} {_version(dist)}" for dist in ("torch", "diffusers"))
     return f"embedded:{name}|config {config}|seed {TINY_SEED}|{versions}|harness {attn_harness.__version__}"
 

@@ -13,6 +13,8 @@ model runs and the docs can list them. Formulas are in each property's ``formula
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,7 @@ import xarray as xr
 from attn_harness.core import metrics
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells, mask_params
-from attn_harness.core.schema import DIMS
+from attn_harness.core.schema import DIMS, METRICS, PROBABILITIES, SAMPLE_DIM, TEXT_METRIC
 from attn_harness.core.vocabulary import REQUIRED, Field, FieldError, FieldErrors, step_index, validate
 
 MAX_LISTED = 10  # violations spelled out in a failure message (all are in ``violations``)
@@ -33,11 +35,15 @@ Param = Field  # a property parameter is a vocabulary field
 
 
 COMMON_PARAMS: dict[str, Param] = {
-    "metric": Param("choice", None, "variable to check (default per property)", ("logits", "mass", "text_mass")),
+    "metric": Param("choice", None, "variable to check (default per property)", (*METRICS, TEXT_METRIC)),
     "heads": Param("heads", "all", "heads to check"),
     "steps": Param("steps", "all", "denoising steps to check: step indices, first, mid (sample_steps // 2), last"),
     "mostly": Param("number", 1.0, "share of units (cells, rows or heads) that must pass, in (0, 1]", above=0, high=1),
     "severity": Param("choice", "fail", "a failing warn-check passes with a warning", ("fail", "warn")),
+    "over": Param("choice", None, "samples: mostly is the share of samples (prompt, seed) in which the property holds",
+                  ("samples",)),
+    "confidence": Param("number", 0.95, "with over: samples, the lower confidence bound (Wilson) of the pass rate must reach mostly",
+                        low=0.5, high=0.9999),
 }
 
 
@@ -100,8 +106,10 @@ class Property:
     params: dict[str, Param]
     fn: PropertyFn
     default_metric: str = "logits"
-    metrics: tuple[str, ...] = ("logits", "mass")
+    metrics: tuple[str, ...] = METRICS
     requires_one_of: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()  # further variables the function takes as keyword arguments
+    needs_dims: tuple[str, ...] = ()  # dims beyond one extraction's (a history's ``checkpoint``)
 
 
 PROPERTIES: dict[str, Property] = {}
@@ -298,7 +306,7 @@ def causal(da: xr.DataArray, params: dict) -> Evaluation:
     described = f"{mask['mask']} with block_size {block_size}" + (
         f", sink_frames {mask['sink_frames']}, window_frames {mask['window_frames']}" if mask["mask"] == "sink-window" else ""
     )
-    if da.name == "mass":
+    if da.name in PROBABILITIES:
         tol = params["tol"]
         bad = hidden & ~(np.abs(da) <= tol)
         expected = f"0 (masked, |mass| <= {tol:g})"
@@ -403,6 +411,66 @@ def sink_heads(da: xr.DataArray, params: dict) -> Evaluation:
     )
 
 
+def head_types(da: xr.DataArray, params: dict, *, aligned_mass: xr.DataArray) -> Evaluation:
+    thresholds = {name: params[name] for name in metrics.HEAD_TYPE_THRESHOLDS}
+    if not all(np.isfinite(value) for value in thresholds.values()):
+        raise HarnessError(f"head_types: thresholds must be finite; got {thresholds}")
+    kinds = _ordered(metrics.head_types(_visible_only(da), aligned_mass, thresholds))
+    shares = metrics.head_shares(da, aligned_mass)
+
+    def note(loc: dict) -> str:
+        kind, one = kinds.sel(loc), shares.sel(loc)
+        if kind.ndim:  # a head over several steps
+            return "types by step: " + ", ".join(f"{int(s)}={t}" for s, t in zip(kind["step"].values, kind.values))
+        return f"{kind.item()}: first {float(one['first']):.3f}, own {float(one['own']):.3f}, aligned {float(one['aligned']):.3f}"
+
+    expected_of = {int(h): t for h, t in (params["expected"] or {}).items()}
+    unknown = sorted(set(expected_of) - set(int(h) for h in kinds["head"].values))
+    if unknown:
+        raise HarnessError(f"head_types: expected heads {unknown} are not among the checked heads")
+    listed = xr.DataArray([int(h) in expected_of for h in kinds["head"].values], dims="head", coords={"head": kinds["head"]})
+    want = xr.DataArray([expected_of.get(int(h), "") for h in kinds["head"].values], dims="head", coords={"head": kinds["head"]})
+    bad = listed & (kinds != want)
+    unit, units = "heads", int(kinds.size)
+    parts = [f"types {dict(sorted(expected_of.items()))}"] if expected_of else []
+    if params["stable_across"] == "steps":
+        changes = (kinds != kinds.isel(step=0)).any("step")
+        bad = bad.any("step") | changes
+        unit, units = "heads across steps", int(changes.size)
+        parts.append("the same type at every step")
+    counts = {t: int((kinds == t).sum()) for t in metrics.HEAD_TYPES}
+    return Evaluation(
+        unit=unit,
+        units=units,
+        failing=int(bad.sum()),
+        violations=_collect(bad, xr.zeros_like(bad, dtype=float), lambda loc: " and ".join(parts), note),
+        observed="head types: " + ", ".join(f"{t} {n}" for t, n in counts.items()),
+        expected=" and ".join(parts) + f" (thresholds {thresholds})",
+    )
+
+
+def trend(da: xr.DataArray, params: dict) -> Evaluation:
+    if not np.isfinite(params["max_drop"]) or params["last"] < 2:
+        raise HarnessError(f"trend: max_drop must be finite and last at least 2; got {params['max_drop']}, {params['last']}")
+    frames = _query_frames(da, params)
+    last = params["last"]
+    history = da.isel(checkpoint=slice(-last, None))
+    sink = _ordered(metrics.sink_trend(_visible_only(history), frames))
+    peak = sink.max("checkpoint")
+    drop = peak - sink.isel(checkpoint=-1)
+    bad = drop > params["max_drop"]
+    steps = [int(s) for s in history["train_step"].values] if "train_step" in history.coords else []
+    expected = f"sink falls by at most {params['max_drop']:g} from its peak over the last {last} checkpoints"
+    return Evaluation(
+        unit="heads",
+        units=int(drop.size),
+        failing=int(bad.sum()),
+        violations=_collect(bad, drop, expected, lambda loc: f"peak {float(peak.sel(loc)):.4g}, now {float(sink.isel(checkpoint=-1).sel(loc)):.4g}"),
+        observed=f"largest fall {float(drop.max()):.4g} over train steps {steps}",
+        expected=expected,
+    )
+
+
 def text_share(da: xr.DataArray, params: dict) -> Evaluation:
     tokens = da["text_token"]
     if params["tokens"] is not None:
@@ -451,7 +519,7 @@ _register(Property(
 _register(Property(
     name="sink_score",
     formula="per head: r[b] = mean over query frames a of x[a, b]; sink = r[k_0] - mean(r[k_1..k_m-1]) "
-    "(DESIGN.md section 3); sign positive: sink > 0, negative: sink < 0; min <= sink <= max",
+    "(docs/design.md, section Statistics); sign positive: sink > 0, negative: sink < 0; min <= sink <= max",
     params={
         "sign": Param("choice", None, "required sign of the sink score", ("positive", "negative")),
         "min": Param("number", None, "lowest allowed sink score"),
@@ -520,6 +588,36 @@ _register(Property(
 
 
 _register(Property(
+    name="head_types",
+    formula="per head, over query frames a >= 1: first = mass[a, 0], own = mass[a, a], aligned = "
+    "sum over b != a of aligned_mass[a, b]; type = sink if first >= sink, else spatial if own >= spatial, "
+    "else temporal if aligned >= temporal, else mixed; the listed heads must have their type "
+    "(and with stable_across: steps, every head keeps one type at every step)",
+    params={
+        "expected": Param("type_map", None, "head index -> sink, spatial, temporal or mixed", metrics.HEAD_TYPES),
+        "stable_across": Param("choice", None, "every head keeps its type across these", ("steps",)),
+        **{name: Param("number", value, f"share at which a head counts as {name}", low=0, high=1)
+           for name, value in metrics.HEAD_TYPE_THRESHOLDS.items()},
+    },
+    fn=head_types,
+    default_metric="mass",
+    metrics=("mass",),
+    requires_one_of=("expected", "stable_across"),
+    uses=("aligned_mass",),
+))
+_register(Property(
+    name="trend",
+    formula="on a training history (dim checkpoint): per head, sink over the last N checkpoints; "
+    "max(sink) - sink at the latest checkpoint <= max_drop",
+    params={
+        "max_drop": Param("number", REQUIRED, "largest allowed fall of the sink score from its peak", low=0),
+        "last": Param("int", 3, "how many of the latest checkpoints to look at", low=2, high=100_000),
+        "query_frames": QUERY_FRAMES,
+    },
+    fn=trend,
+    needs_dims=("checkpoint",),
+))
+_register(Property(
     name="text_share",
     formula="per query row (step, layer, head, query frame a): share = sum over the chosen text tokens t of "
     "text_mass[a, t] (default: the content tokens, text_content = 1, vs padding); min <= share <= max",
@@ -566,8 +664,7 @@ def _select(ds: xr.Dataset, params: dict, layer: int | None) -> xr.DataArray:
     if metric not in ds.data_vars:
         raise HarnessError(f"this extraction has no '{metric}' variable (it has {sorted(ds.data_vars)}); "
                            "add it to the probe's metrics or check another metric")
-    da = ds[metric]
-    da.attrs = {**ds.attrs, **da.attrs}
+    da = ds[metric].assign_attrs({**ds.attrs, **ds[metric].attrs})  # a copy: the caller's Dataset keeps its attrs
     selection: dict[str, list[int]] = {}
     if layer is not None:
         selection["layer"] = [layer]
@@ -584,6 +681,68 @@ def _select(ds: xr.Dataset, params: dict, layer: int | None) -> xr.DataArray:
     return da.sel(selection)
 
 
+def _verdict(name: str, params: dict, ev: Evaluation) -> tuple[bool, str]:
+    """Pass when the share of passing units reaches ``mostly``; the message's first line."""
+    share = (ev.units - ev.failing) / ev.units if ev.units else 1.0
+    needs = f"needs {params['mostly']:.0%}" if params["mostly"] < 1 else "needs all"
+    return share >= params["mostly"], (
+        f"{name} on {params['metric']}: {ev.failing} of {ev.units} {ev.unit} violate ({share:.1%} pass, {needs})"
+    )
+
+
+def _pooled(per_sample: Sequence[Evaluation]) -> Evaluation:
+    """Every sample's units as units of one check; violations located by their ``sample`` too."""
+    first = per_sample[0]
+    return Evaluation(
+        unit=first.unit,
+        units=sum(ev.units for ev in per_sample),
+        failing=sum(ev.failing for ev in per_sample),
+        violations=[
+            Violation({"sample": i, **v.location}, v.observed, v.expected, v.note)
+            for i, ev in enumerate(per_sample) for v in ev.violations
+        ],
+        observed="; ".join(f"sample={i}: {ev.observed}" for i, ev in enumerate(per_sample[:3]))
+        + (f"; ... {len(per_sample) - 3} more samples" if len(per_sample) > 3 else ""),
+        expected=first.expected,
+    )
+
+
+def wilson_lower_bound(passed: int, total: int, confidence: float) -> float:
+    """One-sided Wilson score lower bound of a pass rate at ``confidence`` (0 for no samples)."""
+    if total == 0:
+        return 0.0
+    z = statistics.NormalDist().inv_cdf(confidence)
+    rate = passed / total
+    centre = rate + z * z / (2 * total)
+    spread = z * math.sqrt(rate * (1 - rate) / total + z * z / (4 * total * total))
+    return (centre - spread) / (1 + z * z / total)
+
+
+def _over_samples(name: str, params: dict, per_sample: Sequence[Evaluation], labels: Sequence[str]) -> tuple[Evaluation, bool, str]:
+    """A sample passes when the property holds there entirely; the Wilson bound of the pass rate must reach mostly."""
+    failing = [i for i, ev in enumerate(per_sample) if ev.failing]
+    total = len(per_sample)
+    lower = wilson_lower_bound(total - len(failing), total, params["confidence"])
+    best = wilson_lower_bound(total, total, params["confidence"])
+    ok = lower >= params["mostly"]
+    expected = (f"holds in at least {params['mostly']:.0%} of samples at {params['confidence']:.0%} confidence "
+                f"(lower Wilson bound; with {total} samples it is at most {best:.3f} even if all pass)")
+    violations = [
+        Violation({"sample": i, **v.location}, v.observed, v.expected, f"{labels[i]}" + (f"; {v.note}" if v.note else ""))
+        for i in failing for v in per_sample[i].violations[:1]
+    ]
+    ev = Evaluation(
+        unit="samples",
+        units=total,
+        failing=len(failing),
+        violations=violations,
+        observed=f"holds in {total - len(failing)} of {total} samples, lower bound {lower:.3f}; failing: "
+        + (", ".join(labels[i] for i in failing[:MAX_LISTED]) or "none"),
+        expected=expected,
+    )
+    return ev, ok, f"{name} on {params['metric']} over samples: {len(failing)} of {total} samples violate (lower bound {lower:.3f}, needs {params['mostly']:.0%})"
+
+
 def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: int | None = None) -> CheckResult:
     """Evaluate property ``name`` on ``ds`` (one layer of it when ``layer`` is given)."""
     if name not in PROPERTIES:
@@ -593,17 +752,32 @@ def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: in
     except FieldErrors as err:
         raise HarnessError(f"{name}: {err}") from None
     da = _select(ds, params, layer)
-    ev = PROPERTIES[name].fn(da, params)
-    passing = ev.units - ev.failing
-    share = passing / ev.units if ev.units else 1.0
-    ok = share >= params["mostly"]
+    prop = PROPERTIES[name]
+    missing = [dim for dim in prop.needs_dims if dim not in ds.dims]
+    if missing:
+        raise HarnessError(f"{name} needs data with dims {missing} (a training history); got dims {dict(ds.sizes)}")
+    if params["over"] == "samples" and SAMPLE_DIM not in ds.dims:
+        raise HarnessError(f"{name}: over: samples needs a population extraction (probe prompts/seeds); this one has one sample")
+    if not 0 < params["confidence"] < 1:
+        raise HarnessError(f"{name}: confidence must be in (0, 1); got {params['confidence']}")
+    extra = {var: _select(ds, {**params, "metric": var}, layer) for var in prop.uses}
+    if SAMPLE_DIM not in da.dims:
+        ev = prop.fn(da, params, **extra)
+        ok, head = _verdict(name, params, ev)
+    else:
+        per_sample = [
+            prop.fn(da.isel({SAMPLE_DIM: i}, drop=True), params, **{k: v.isel({SAMPLE_DIM: i}, drop=True) for k, v in extra.items()})
+            for i in range(da.sizes[SAMPLE_DIM])
+        ]
+        labels = [f"sample={i} (prompt {str(p)!r}, seed {int(s)})" for i, (p, s) in
+                  enumerate(zip(ds["prompt"].values, ds["seed"].values))]
+        if params["over"] == "samples":
+            ev, ok, head = _over_samples(name, params, per_sample, labels)
+        else:
+            ev = _pooled(per_sample)
+            ok, head = _verdict(name, params, ev)
     severity = params["severity"]
     status = "pass" if ok else ("warn" if severity == "warn" else "fail")
-    needs = f"needs {params['mostly']:.0%}" if params["mostly"] < 1 else "needs all"
-    head = (
-        f"{name} on {params['metric']}: {ev.failing} of {ev.units} {ev.unit} violate "
-        f"({share:.1%} pass, {needs})"
-    )
     lines = [head, f"  expected: {ev.expected}", f"  observed: {ev.observed}"]
     if ev.violations:
         lines.append("  violations:")

@@ -1,8 +1,12 @@
-"""Content fingerprints of files: the sha256 that attrs and cache keys record.
+"""Content fingerprints: every sha256 the harness records or keys a cache by is computed here.
 
-Hashing a multi-gigabyte checkpoint takes seconds to minutes, so each digest is remembered
+Files (checkpoints, ``--prompt-embeds``, seed ``.pt`` files), byte streams (model weights,
+prompt embeddings), text (prompts, cache keys) and JSON payloads (extraction cache keys). One
+module, so the attrs of a dataset, the cache and the legacy import agree on what a fingerprint is.
+
+Hashing a multi-gigabyte checkpoint takes seconds to minutes, so each file digest is remembered
 in ``fingerprints.json`` under ``cache_dir()`` by (resolved path, size, mtime). Torch-free:
-a warm ``pytest specs/`` computes its cache keys from this file alone.
+a warm ``pytest specs/`` computes its cache keys from this module alone.
 """
 
 from __future__ import annotations
@@ -10,24 +14,49 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
 from attn_harness.core.atomic import write_atomic
 
+CHUNK_BYTES = 1 << 24  # 16 MiB reads: checkpoints are gigabytes
 CACHE_ENV = "ATTN_HARNESS_CACHE"
 FINGERPRINTS_FILE = "fingerprints.json"
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 16 MiB chunks (checkpoints are gigabytes)."""
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (what ``sha256sum`` prints)."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
+        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_chunks(chunks: Iterable[bytes]) -> str:
+    """Hex sha256 of the concatenated byte chunks (a stream never held in memory at once)."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    """Hex sha256 of a string's UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_json(payload: Any) -> str:
+    """Hex sha256 of ``payload`` as JSON with sorted keys (non-JSON values by ``str``)."""
+    return sha256_text(json.dumps(payload, sort_keys=True, default=str))
+
+
+def seed_of_text(text: str) -> int:
+    """A 64-bit integer seed derived from a string (its sha256, first 8 bytes little-endian)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
 
 
 def cache_dir() -> Path:
@@ -75,4 +104,4 @@ def files_fingerprint(paths: Sequence[Path]) -> str:
     if len(paths) == 1:
         return file_sha256(paths[0])
     listing = "".join(f"{file_sha256(p)}  {p.name}\n" for p in paths)
-    return hashlib.sha256(listing.encode()).hexdigest()
+    return sha256_text(listing)

@@ -2,7 +2,7 @@
 
 Pure NumPy (and xarray for the two DataArray helpers), so every other module can ask
 "which latent frame is pixel frame 17?" or "which keys may query frame 19 see?" without
-torch. Wan2.1 facts (DESIGN.md section 2): the VAE is causal with temporal stride 4, so
+torch. Wan2.1 facts (docs/design.md, "Frame geometry"): the VAE is causal with temporal stride 4, so
 latent frame 0 comes from pixel frame 0 alone and latent t >= 1 from pixel frames
 4t-3 .. 4t; tokens are frame-major after patchify; autoregressive derivatives attend
 block-causally over blocks of latent frames, or over a frame sink plus a window of recent

@@ -1,4 +1,4 @@
-"""Derived statistics on frame x frame DataArrays (DESIGN.md section 3).
+"""Derived statistics on frame x frame DataArrays (docs/design.md, "Statistics").
 
 Every function takes a DataArray with dims ``query_frame`` and ``key_frame`` plus any others
 (``step``, ``layer``, ``head``) and keeps those others, so the same code serves one layer in
@@ -108,3 +108,59 @@ def layer_summary(da: xr.DataArray, query_frames: Sequence[int]) -> dict:
             for h in da["head"].values
         ],
     }
+
+
+# Head types. A head's probability from the query frames a >= 1 (frame 0 has no earlier
+# frame to sink into) splits into three shares, each a mean over those query frames:
+#   first    = mass[a, 0]                     probability on the first frame (the sink)
+#   own      = mass[a, a]                     probability kept in the query's own frame
+#   aligned  = sum_{b != a} aligned_mass[a, b] probability on the same spatial position of
+#                                             other frames (the signature of a temporal head)
+# The type is the first of sink, spatial, temporal whose share reaches its threshold, else
+# mixed. With uniform attention over F frames of P tokens the shares are 1/F, 1/F and
+# (F - 1) / (F P), so a threshold of one half is far from chance for any F >= 3.
+HEAD_TYPES: tuple[str, ...] = ("sink", "spatial", "temporal", "mixed")
+HEAD_TYPE_THRESHOLDS: dict[str, float] = {"sink": 0.5, "spatial": 0.5, "temporal": 0.5}
+
+
+def head_shares(mass: xr.DataArray, aligned_mass: xr.DataArray) -> xr.Dataset:
+    """Per head (and every other dim but the frames): the ``first``, ``own`` and ``aligned`` shares."""
+    frames = [int(f) for f in mass["query_frame"].values if f >= 1]
+    if not frames or 0 not in set(int(f) for f in mass["key_frame"].values):
+        raise HarnessError("head types need query frames >= 1 and key frame 0 (at least two latent frames)")
+    mass = mass.sel(query_frame=frames)
+    aligned_mass = aligned_mass.sel(query_frame=frames)
+    same = mass["query_frame"] == mass["key_frame"]
+    return xr.Dataset({
+        "first": mass.sel(key_frame=0, drop=True).mean("query_frame"),
+        "own": mass.where(same).sum("key_frame").mean("query_frame"),
+        "aligned": aligned_mass.where(~same).sum("key_frame").mean("query_frame"),
+    })
+
+
+def head_types(
+    mass: xr.DataArray, aligned_mass: xr.DataArray, thresholds: dict[str, float] | None = None
+) -> xr.DataArray:
+    """Each head's type (``sink``, ``spatial``, ``temporal`` or ``mixed``) from its shares."""
+    limits = {**HEAD_TYPE_THRESHOLDS, **(thresholds or {})}
+    shares = head_shares(mass, aligned_mass)
+    kind = xr.full_like(shares["first"], "mixed", dtype=object)
+    for name, share in (("temporal", "aligned"), ("spatial", "own"), ("sink", "first")):  # later wins
+        kind = kind.where(~(shares[share] >= limits[name]), name)
+    return kind.rename("head_type")
+
+
+def sink_trend(history: xr.DataArray, query_frames: Sequence[int]) -> xr.DataArray:
+    """The sink score (``head_stats``) of every head at every checkpoint of a training history."""
+    if "checkpoint" not in history.dims:
+        raise HarnessError(f"a trend needs a history with a 'checkpoint' dim; got dims {history.dims}")
+    return head_stats(history, query_frames)["sink"]
+
+
+def sample_mean(ds: xr.Dataset) -> xr.Dataset:
+    """A population's mean over samples (attrs kept, prompt/seed coords dropped); others unchanged."""
+    if "sample" not in ds.dims:
+        return ds
+    mean = ds.drop_vars(["prompt", "seed"], errors="ignore").mean("sample", keep_attrs=True)
+    mean.attrs["samples_averaged"] = int(ds.sizes["sample"])
+    return mean

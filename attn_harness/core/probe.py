@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.fingerprint import seed_of_text
 from attn_harness.core.frames import MASKS
+from attn_harness.core.schema import METRICS, TEXT_METRIC
 from attn_harness.core.vocabulary import Field, FieldError, resolve_step
 
 DTYPES = ("float32", "bfloat16", "float16")
-METRIC_NAMES = ("logits", "mass", "text_mass")
+METRIC_NAMES = (*METRICS, TEXT_METRIC)
 BRANCHES = ("cond", "uncond")
 MODES = ("teacher-forced", "rollout")
-METRICS = METRIC_NAMES
 
 # YAML key -> field. ``attr`` is the Probe attribute where it differs; ``flag`` the CLI flag.
 PROBE_FIELDS: dict[str, Field] = {
@@ -56,6 +57,10 @@ PROBE_FIELDS: dict[str, Field] = {
     "warp_timesteps": Field("bool", True, "warp denoising_timesteps by shift"),
     "capture_timesteps": Field("numbers", (), "capture the steps nearest these timesteps instead of capture_steps",
                                low=0, high=1000),
+    "prompts": Field("strings", (), "population: the prompts (in a spec also a text file, one prompt a line; "
+                     "on the CLI --prompts FILE)"),
+    "seeds": Field("int_list", (), "population: the noise seeds (CLI: 0,1,2 or a range 0-3)", high=2**63 - 1),
+    "sample_batch": Field("int", 8, "population: samples run through the model at once", low=1, high=1024),
 }
 PROBE_ATTRS: dict[str, str] = {key: f.attr or key for key, f in PROBE_FIELDS.items()}
 
@@ -111,6 +116,26 @@ class Probe:
     denoising_timesteps: tuple[float, ...] | None = None
     warp_timesteps: bool = True
     capture_timesteps: tuple[float, ...] = ()
+    prompts: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
+    sample_batch: int = 8
+
+    @property
+    def is_population(self) -> bool:
+        """A probe over several prompts and/or seeds: its extraction has a ``sample`` dim."""
+        return bool(self.prompts or self.seeds)
+
+    def noise_seed(self, prompt: str, seed: int) -> int:
+        """The seed of a sample's initial noise: ``seed`` itself for a single-sample probe; in a
+        population, drawn from (seed, prompt), so that every sample has its own noise and the
+        samples are independent draws (the same seed for two prompts would tie them together)."""
+        if not self.is_population:
+            return seed
+        return seed_of_text(f"{seed}\0{prompt}") >> 1
+
+    def samples(self) -> list[tuple[str, int]]:
+        """(prompt, seed) of every sample: prompts x seeds, prompt-major; ``prompt``/``seed`` stand in for an empty list."""
+        return [(prompt, seed) for prompt in (self.prompts or (self.prompt,)) for seed in (self.seeds or (self.seed,))]
 
     def __post_init__(self) -> None:
         for key, field_ in PROBE_FIELDS.items():
@@ -136,6 +161,14 @@ class Probe:
             steps = list(self.denoising_timesteps)
             if any(t <= 0 for t in steps) or steps != sorted(set(steps), reverse=True):
                 raise ProbeError("denoising_timesteps", f"must be distinct values in (0, 1000], descending; got {steps}")
+        if len(set(self.samples())) != len(self.samples()):
+            raise ProbeError("prompts", "prompts and seeds must not repeat: each (prompt, seed) sample appears once")
+        unsupported = [key for key, used in (("mode: rollout", self.mode == "rollout"), ("prompt_embeds", self.prompt_embeds),
+                                             ("denoising_timesteps", self.denoising_timesteps),
+                                             ("metrics: text_mass", TEXT_METRIC in self.metrics)) if used]
+        if self.is_population and unsupported:
+            raise ProbeError("prompts", "populations (prompts/seeds) run teacher-forced with the UniPC sampler from "
+                             f"prompt text; drop {', '.join(unsupported)} or the population")
         late = [s for s in self.capture_steps if resolve_step(s, self.sample_steps) >= self.sample_steps]
         if late:
             raise ProbeError("capture_steps", f"step {late[0]} is out of range: sampling runs steps "

@@ -1,8 +1,8 @@
-"""The data contract of one extraction (DESIGN.md section 4), shared by every module.
+"""The data contract of one extraction (docs/design.md, "Data contract"), shared by every module.
 
-An extraction is an ``xarray.Dataset`` with variables ``logits`` and (optionally) ``mass``
-over the dims ``(step, layer, head, query_frame, key_frame)``, optionally ``text_mass`` over
-``(step, layer, head, query_frame, text_token)``, a ``timestep`` coordinate on
+An extraction is an ``xarray.Dataset`` with variables ``logits`` and (optionally) ``mass`` and
+``aligned_mass`` over the dims ``(step, layer, head, query_frame, key_frame)``, optionally
+``text_mass`` over ``(step, layer, head, query_frame, text_token)``, a ``timestep`` coordinate on
 ``step``, and JSON-safe attrs (structured values JSON-encoded, no bools).
 """
 
@@ -21,7 +21,13 @@ LEGACY_MASKS: tuple[str, ...] = ("bidirectional", "block-causal")  # what the se
 
 SCHEMA_VERSION = 1
 DIMS: tuple[str, ...] = ("step", "layer", "head", "query_frame", "key_frame")
-METRICS: tuple[str, ...] = ("logits", "mass")
+METRICS: tuple[str, ...] = ("logits", "mass", "aligned_mass")
+# A population extraction (several prompts and/or seeds) puts a ``sample`` dim before DIMS,
+# with these coordinates along it.
+SAMPLE_DIM = "sample"
+SAMPLE_COORDS: dict[str, str] = {"prompt": "the sample's prompt text", "seed": "the sample's noise seed"}
+# Probability statistics: in [0, 1], 0 on cells a mask hides (logits are NaN there).
+PROBABILITIES: tuple[str, ...] = ("mass", "aligned_mass")
 TEXT_METRIC = "text_mass"
 TEXT_DIMS: tuple[str, ...] = ("step", "layer", "head", "query_frame", "text_token")
 
@@ -171,6 +177,10 @@ def build_dataset(
     ds["logits"].attrs["long_name"] = "block-mean pre-softmax attention logit"
     if "mass" in ds:
         ds["mass"].attrs["long_name"] = "softmax probability mass from query frame to key frame"
+    if "aligned_mass" in ds:
+        ds["aligned_mass"].attrs["long_name"] = (
+            "softmax probability from a query to the key at its own spatial position in the key frame"
+        )
     if TEXT_METRIC in ds:
         ds[TEXT_METRIC].attrs["long_name"] = "cross-attention probability mass from query frame to text token"
     ds.attrs = {key: json_safe_attr(value) for key, value in attrs.items()}

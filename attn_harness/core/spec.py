@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from attn_harness.core import checks, conditions
+from attn_harness.core.calibration import DEFAULT_SIGMAS
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import PROBE_FIELDS, Probe, ProbeError
 from attn_harness.core.vocabulary import Field, FieldError, FieldErrors, parse_layers, show
@@ -35,6 +36,8 @@ BASELINE_FILE_PATTERN = re.compile(r"^[A-Za-z0-9_./{}-]+$")
 MARK_NAMES = ("gpu", "slow", "skipif", "xfail")
 MAX_FILE_BYTES = 1_000_000  # a spec file larger than this is refused before parsing
 MAX_ALIASES = 100  # YAML aliases per file (an alias bomb stops here)
+SIGMAS_FIELD = Field("number", DEFAULT_SIGMAS, "populations: largest allowed |z| of a cell, in units of the spread",
+                     above=0, high=1000)
 TOLERANCE_FIELDS: dict[str, Field] = {
     "atol": Field("number", None, "absolute tolerance (default per variable)", low=0, high=10),
     "rtol": Field("number", None, "relative tolerance (default per variable)", low=0, high=1),
@@ -55,6 +58,7 @@ class Tolerance:
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "logits": Tolerance(atol=1e-4, rtol=1e-4),
     "mass": Tolerance(atol=1e-5, rtol=1e-4),
+    "aligned_mass": Tolerance(atol=1e-5, rtol=1e-4),
     "text_mass": Tolerance(atol=1e-5, rtol=1e-4),  # a probability, like mass
 }
 
@@ -91,6 +95,8 @@ class BaselineSpec:
     layers: str | tuple[int, ...] | None  # None: every layer the spec checks
     tolerances: dict[str, Tolerance]
     line: int
+    cross_env: dict[str, Tolerance] | None = None  # against a baseline made in another environment class
+    sigmas: float = DEFAULT_SIGMAS  # populations: largest allowed |z| of a cell (attn_harness.core.calibration)
 
 
 @dataclass(frozen=True)
@@ -295,7 +301,7 @@ class _Ctx:
 
 
 SPEC_KEYS = ("name", "description", "model", "base_model", "probe", "layers", "baseline", "marks")
-BASELINE_KEYS = ("file", "layers", "logits", "mass", "text_mass")
+BASELINE_KEYS = ("file", "layers", "logits", "mass", "aligned_mass", "text_mass", "cross_env", "sigmas")
 
 
 def _property_check(ctx: _Ctx, item: Any, where: str, line: int) -> PropertyCheck:
@@ -381,7 +387,10 @@ def _probe_values(ctx: _Ctx, raw: Any, line: int) -> dict[str, Any]:
     for key, field_ in PROBE_FIELDS.items():
         if key in raw:
             with ctx.attempt():
-                values[key] = ctx.field(raw, key, "probe", field_, line)
+                if key == "prompts" and isinstance(raw[key], str):
+                    values[key] = _prompts_file(ctx, raw[key], _line(raw, key, line))
+                else:
+                    values[key] = ctx.field(raw, key, "probe", field_, line)
     return values
 
 
@@ -392,10 +401,22 @@ def _probe(ctx: _Ctx, raw: Any, line: int, values: dict[str, Any], layers: str |
         raise ctx.fail(_line(raw, err.key, line), f"probe.{err}") from None
 
 
-def _tolerance(ctx: _Ctx, raw: Any, var: str, line: int) -> Tolerance:
-    default = DEFAULT_TOLERANCES[var]
-    raw = ctx.mapping(raw, f"baseline.{var}", line, TOLERANCE_FIELDS)
-    values = {key: ctx.field(raw, key, f"baseline.{var}", field_, line)
+def _prompts_file(ctx: _Ctx, name: str, line: int) -> list[str]:
+    """The non-empty lines of a prompts file named relative to the spec file."""
+    path = Path(ctx.file).parent / name
+    try:
+        prompts = [text.strip() for text in path.read_text(encoding="utf-8").splitlines() if text.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ctx.fail(line, f"probe.prompts: cannot read prompts file {path}: {err}") from None
+    if not prompts:
+        raise ctx.fail(line, f"probe.prompts: {path} holds no prompt (one prompt a line)")
+    return prompts
+
+
+def _tolerance(ctx: _Ctx, raw: Any, var: str, line: int, default: Tolerance | None = None, where: str = "baseline") -> Tolerance:
+    default = default or DEFAULT_TOLERANCES[var]
+    raw = ctx.mapping(raw, f"{where}.{var}", line, TOLERANCE_FIELDS)
+    values = {key: ctx.field(raw, key, f"{where}.{var}", field_, line)
               for key, field_ in TOLERANCE_FIELDS.items() if key in raw}
     return Tolerance(atol=values.get("atol", default.atol), rtol=values.get("rtol", default.rtol))
 
@@ -449,7 +470,22 @@ def _baseline(ctx: _Ctx, raw: Any, line: int) -> BaselineSpec | None:
         if var in raw:
             with ctx.attempt():
                 tolerances[var] = _tolerance(ctx, raw[var], var, _line(raw, var, line))
-    return BaselineSpec(file=file, layers=layers, tolerances=tolerances, line=_line(raw, "file", line) if "file" in raw else line)
+    cross_env = None
+    if "cross_env" in raw:  # a variable it leaves out keeps its same-environment tolerance
+        with ctx.attempt():
+            cross_line = _line(raw, "cross_env", line)
+            cross_raw = ctx.mapping(raw["cross_env"], "baseline.cross_env", cross_line, tuple(DEFAULT_TOLERANCES))
+            cross_env = {
+                var: _tolerance(ctx, cross_raw[var], var, _line(cross_raw, var, cross_line), tolerances[var], "baseline.cross_env")
+                if var in cross_raw else tolerances[var]
+                for var in DEFAULT_TOLERANCES
+            }
+    sigmas = DEFAULT_SIGMAS
+    if "sigmas" in raw:
+        with ctx.attempt():
+            sigmas = ctx.field(raw, "sigmas", "baseline", SIGMAS_FIELD, line)
+    return BaselineSpec(file=file, layers=layers, tolerances=tolerances, line=_line(raw, "file", line) if "file" in raw else line,
+                        cross_env=cross_env, sigmas=sigmas)
 
 
 def _marks(ctx: _Ctx, raw: Any, line: int) -> tuple[MarkSpec, ...]:

@@ -17,7 +17,14 @@ from typing import Any
 from attn_harness.core import checks
 from attn_harness.core.atomic import write_atomic
 from attn_harness.core.probe import PROBE_FIELDS
-from attn_harness.core.spec import DEFAULT_BASELINE_FILE, MARK_NAMES, NAME_PATTERN, TOLERANCE_FIELDS
+from attn_harness.core.spec import (
+    DEFAULT_BASELINE_FILE,
+    DEFAULT_TOLERANCES,
+    MARK_NAMES,
+    NAME_PATTERN,
+    SIGMAS_FIELD,
+    TOLERANCE_FIELDS,
+)
 from attn_harness.core.vocabulary import Field
 
 SCHEMA_ID = "https://attn-harness.invalid/spec.schema.json"
@@ -52,11 +59,15 @@ def json_schema() -> dict[str, Any]:
                 "file": {"type": "string", "description": "template under baselines/ with {spec} and {layer}",
                          "default": DEFAULT_BASELINE_FILE},
                 "layers": Field("layers", None, "layers with a baseline (default: every checked layer)").json_schema(),
-                "logits": tolerance,
-                "mass": tolerance,
+                **{var: tolerance for var in DEFAULT_TOLERANCES},
+                "cross_env": {**_object({}, {var: tolerance for var in DEFAULT_TOLERANCES}),
+                              "description": "tolerances against a baseline written in another environment class"},
+                "sigmas": SIGMAS_FIELD.json_schema(),
             }),
         ]
     }
+    prompts = {"oneOf": [{"type": "string", "maxLength": 1000, "description": "a text file, one prompt a line, relative to the spec"},
+                         PROBE_FIELDS["prompts"].json_schema()]}
     mark = {
         "oneOf": [
             {"enum": ["gpu", "slow"]},
@@ -78,7 +89,7 @@ def json_schema() -> dict[str, Any]:
             "description": text,
             "model": {"type": "string", "description": "embedded name, a path, or ${ENV_VAR[:-default]}"},
             "base_model": text,
-            "probe": {**_object(PROBE_FIELDS), "description": "the sampling run and what it captures"},
+            "probe": {**_object(PROBE_FIELDS, {"prompts": prompts}), "description": "the sampling run and what it captures"},
             "layers": {
                 "type": "object",
                 "minProperties": 1,

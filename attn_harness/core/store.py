@@ -1,4 +1,4 @@
-"""NetCDF storage of extractions and validation against the data contract (DESIGN.md section 4).
+"""NetCDF storage of extractions and validation against the data contract (docs/design.md, "Data contract").
 
 Files are NetCDF4 written and read with the explicitly named engine ``h5netcdf``. Writes are
 atomic (temp file in the same directory, then ``os.replace``), so a crash never leaves a
@@ -19,7 +19,9 @@ from attn_harness.core.atomic import write_atomic
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells, mask_params
 from attn_harness.core.h5read import read_plain
-from attn_harness.core.schema import DIMS, MASKS, REQUIRED_ATTRS, TEXT_DIMS, TEXT_METRIC, json_safe_attr
+from attn_harness.core.schema import (
+    DIMS, MASKS, METRICS, PROBABILITIES, REQUIRED_ATTRS, SAMPLE_COORDS, SAMPLE_DIM, TEXT_DIMS, TEXT_METRIC, json_safe_attr,
+)
 
 ENGINE = "h5netcdf"
 # zlib level 4 with byte shuffle: most of the gain of level 9 on float32 at a fraction of the time.
@@ -40,8 +42,13 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     Dataset is not modified. An existing file at ``path`` survives a failed write.
     """
     validate(ds)
+    return write_netcdf(ds, path)
+
+
+def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write ``ds`` atomically as NetCDF4 with NetCDF-safe attrs, without contract validation."""
     path = Path(path)
-    out = _storable(ds)
+    out = storable(ds)
     encoding = {name: dict(FLOAT_ENCODING) for name, var in out.data_vars.items() if var.dtype == np.float32}
     try:
         # Serialised in memory first: HDF5 keeps no handle on the target, so a full disk is one
@@ -68,12 +75,29 @@ def read_dataset(path: str | os.PathLike) -> xr.Dataset:
         raise HarnessError(
             f"{path} is not a NetCDF4/HDF5 file ({exc}); expected an attention extraction: {HOW_TO_WRITE}"
         ) from exc
-    ds.attrs = _restore_attrs(ds.attrs)
+    ds.attrs = restore_attrs(ds.attrs)
     for var in ds.variables.values():
-        var.attrs = _restore_attrs(var.attrs)
+        var.attrs = restore_attrs(var.attrs)
     problems = _problems(ds)
     if problems:
         raise HarnessError(f"{path} is not an attention extraction: {'; '.join(problems)}; {HOW_TO_WRITE}")
+    return ds
+
+
+def read_netcdf(path: str | os.PathLike, expected: str) -> xr.Dataset:
+    """Any NetCDF file the harness writes, fully in memory with its attrs restored; ``expected``
+    names what the caller wants (and how to make one) in the error for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"{path} does not exist; expected {expected}")
+    try:
+        with xr.open_dataset(path, engine=ENGINE) as opened:
+            ds = opened.load()
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"{path} is not a NetCDF4/HDF5 file ({exc}); expected {expected}") from exc
+    ds.attrs = restore_attrs(ds.attrs)
+    for var in ds.variables.values():
+        var.attrs = restore_attrs(var.attrs)
     return ds
 
 
@@ -83,7 +107,8 @@ def validate(ds: xr.Dataset) -> None:
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         listing = "; ".join(problems)
-        raise HarnessError(f"dataset does not follow the data contract (DESIGN.md section 4), {count}: {listing}")
+        contract = "the data contract (docs/design.md, section 'Data contract')"
+        raise HarnessError(f"dataset does not follow {contract}, {count}: {listing}")
 
 
 def dataset_summary(ds: xr.Dataset) -> str:
@@ -109,7 +134,7 @@ def dataset_summary(ds: xr.Dataset) -> str:
     )
 
 
-def _storable(ds: xr.Dataset) -> xr.Dataset:
+def storable(ds: xr.Dataset) -> xr.Dataset:
     """A shallow copy with NetCDF-safe attrs (the caller's Dataset keeps its own)."""
     out = ds.copy(deep=False)
     list_attrs = sorted(key for key, value in ds.attrs.items() if isinstance(json_safe_attr(value), list))
@@ -121,7 +146,7 @@ def _storable(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
-def _restore_attrs(attrs: dict) -> dict:
+def restore_attrs(attrs: dict) -> dict:
     """NetCDF attrs back to plain Python: arrays to lists, numpy scalars to numbers."""
     list_attrs = set(json.loads(attrs.get(LIST_ATTRS_KEY, "[]")))
     restored = {}
@@ -148,8 +173,9 @@ def _problems(ds: xr.Dataset) -> list[str]:
         masked = _masked_cells(ds, params) if params is not None else None
         if "logits" in good_vars:
             _logits_value_problems(ds["logits"], masked, params, problems)
-        if "mass" in good_vars:
-            _mass_value_problems(ds["mass"], masked, problems)
+        for name in PROBABILITIES:
+            if name in good_vars:
+                _mass_value_problems(ds[name], masked, problems)
         if TEXT_METRIC in good_vars:
             _text_mass_value_problems(ds[TEXT_METRIC], problems)
     return problems
@@ -160,13 +186,13 @@ def _variable_problems(ds: xr.Dataset, problems: list[str]) -> set[str]:
     if "logits" not in ds.data_vars:
         problems.append(f"missing variable 'logits' (found variables {sorted(map(str, ds.data_vars))})")
     good = set()
-    for name, dims in (("logits", DIMS), ("mass", DIMS), (TEXT_METRIC, TEXT_DIMS)):
+    for name, dims in (*((metric, DIMS) for metric in METRICS), (TEXT_METRIC, TEXT_DIMS)):
         if name not in ds.data_vars:
             continue
         var = ds[name]
         ok = True
-        if var.dims != dims:
-            problems.append(f"{name} has dims {var.dims}; expected exactly {dims}")
+        if var.dims not in (dims, (SAMPLE_DIM, *dims)):
+            problems.append(f"{name} has dims {var.dims}; expected exactly {dims}, or ({SAMPLE_DIM!r}, ...) before them")
             ok = False
         if var.dtype != np.float32:
             problems.append(f"{name} has dtype {var.dtype}; expected float32")
@@ -197,6 +223,10 @@ def _coord_problems(ds: xr.Dataset, problems: list[str]) -> bool:
                     f"coordinate '{name}' must be unique and sorted ascending; "
                     f"{values[i]} is followed by {values[i + 1]} at position {i + 1}"
                 )
+    if SAMPLE_DIM in ds.dims:
+        for name, kind in SAMPLE_COORDS.items():
+            if name not in ds.coords or ds[name].dims != (SAMPLE_DIM,):
+                problems.append(f"a population needs coordinate '{name}' ({kind}) on dim '{SAMPLE_DIM}'")
     index_ok = len(problems) == before
     if "timestep" not in ds.coords:
         problems.append("missing coordinate 'timestep' (on dim 'step')")
@@ -276,20 +306,22 @@ def _text_mass_value_problems(text_mass: xr.DataArray, problems: list[str]) -> N
 
 
 def _mass_value_problems(mass: xr.DataArray, masked: xr.DataArray | None, problems: list[str]) -> None:
-    """Finite, 0 where masked, within [0, 1], rows summing to 1."""
+    """Finite, 0 where masked, within [0, 1]; ``mass`` rows (not ``aligned_mass``) sum to 1."""
+    name = mass.name
     finite = np.isfinite(mass)
-    _report(problems, ~finite, "mass is not finite at {where}")
+    _report(problems, ~finite, f"{name} is not finite at {{where}}")
     if masked is not None:
-        _report(problems, finite & masked & (mass != 0), "mass is not 0 at masked cell {where}")
+        _report(problems, finite & masked & (mass != 0), f"{name} is not 0 at masked cell {{where}}")
     _report(
         problems, finite & ((mass < 0) | (mass > 1 + MASS_RANGE_TOLERANCE)),
-        "mass is outside [0, 1] at {where}",
+        f"{name} is outside [0, 1] at {{where}}",
     )
-    row_sum = mass.astype(np.float64).sum("key_frame", skipna=False)
-    _report(
-        problems, np.abs(row_sum - 1) > MASS_ROW_TOLERANCE,
-        f"mass row does not sum to 1 (within {MASS_ROW_TOLERANCE}) at {{where}}",
-    )
+    if name == "mass":
+        row_sum = mass.astype(np.float64).sum("key_frame", skipna=False)
+        _report(
+            problems, np.abs(row_sum - 1) > MASS_ROW_TOLERANCE,
+            f"mass row does not sum to 1 (within {MASS_ROW_TOLERANCE}) at {{where}}",
+        )
 
 
 def _report(problems: list[str], bad: xr.DataArray, template: str) -> None:

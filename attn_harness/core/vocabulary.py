@@ -24,6 +24,7 @@ STEP_NAMES = ("first", "mid", "last")
 MAX_LAYER = 1023  # largest layer index anywhere (a range is checked before it is expanded)
 MAX_INDEX = 4095  # largest head, frame or step index
 MAX_TEXT = 10_000  # longest string value
+MAX_ITEMS = 10_000  # longest list of strings (e.g. prompts)
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,2})?)$")
 
 
@@ -144,7 +145,8 @@ class Field:
     Kinds: ``str``, ``int``, ``number`` (finite), ``bool``, ``choice``, ``device``,
     ``choices`` (a list of choices), ``int_list``, ``frames``, ``heads`` ('all' or indices),
     ``steps`` ('all' or indices with first/mid/last), ``capture_steps`` (indices or
-    first/mid/last), ``layers``, ``numbers`` (finite numbers, each within the bounds). ``low``/``high`` bound numbers and list entries inclusively;
+    first/mid/last), ``layers``, ``numbers`` (finite numbers, each within the bounds), ``strings``, ``type_map`` (head index ->
+    one of ``choices``). ``low``/``high`` bound numbers and list entries inclusively;
     ``above`` is an exclusive lower bound.
     """
 
@@ -180,6 +182,8 @@ class Field:
                 return value
             if kind == "layers":
                 return parse_layers(value)
+            if kind == "type_map":
+                return self._type_map(value)
             items = self._items(value)
             if items is not None:
                 return items
@@ -198,6 +202,14 @@ class Field:
             raise ValueError(f"must be <= {_num(self.high)}; got {_num(value)}")
         return value
 
+    def _type_map(self, value: Any) -> dict[int, str] | None:
+        """Head index -> one of ``choices`` (e.g. the expected type of each head)."""
+        if not isinstance(value, Mapping) or not value:
+            return None
+        if not all(is_int(h) and 0 <= h <= MAX_INDEX and t in self.choices for h, t in value.items()):
+            return None
+        return {int(h): t for h, t in value.items()}
+
     def _items(self, value: Any) -> tuple | str | None:
         kind = self.kind
         if kind in ("heads", "steps") and value == "all":
@@ -209,12 +221,18 @@ class Field:
             if not values or not all(is_number(v) for v in values):
                 return None
             return tuple(float(self._bounded(v)) for v in values)
+        if kind == "strings":  # e.g. prompts: a list of non-empty strings
+            if not isinstance(value, (list, tuple)) or len(value) > MAX_ITEMS:
+                return None
+            if not all(isinstance(v, str) and v.strip() and len(v) <= MAX_TEXT for v in value):
+                return None
+            return tuple(value) if value or self.default == () else None
         if kind not in ("choices", "int_list", "frames", "heads", "steps", "capture_steps"):
             return None
         if not isinstance(value, (list, tuple)):
             value = [value]  # a scalar where a one-element list is meant
         if not value:
-            return None
+            return () if self.default == () else None
         names = {"steps": STEP_NAMES, "capture_steps": STEP_NAMES, "choices": self.choices}.get(kind, ())
         out = []
         for item in value:
@@ -232,7 +250,8 @@ class Field:
     # ------------------------------------------------------------------ text: CLI and docs
 
     def parse_text(self, text: str) -> Any:
-        """A command-line string -> the value ``coerce`` expects (lists are comma-separated)."""
+        """A command-line string -> the value ``coerce`` expects (lists are comma-separated; an
+        integer list also takes ranges like ``0-7``)."""
         kind = self.kind
         text = text.strip()
         if kind == "int":
@@ -252,8 +271,14 @@ class Field:
         if kind in ("choices", "int_list", "frames", "heads", "steps", "capture_steps"):
             if text == "all":
                 return text
-            parts = [p.strip() for p in text.split(",") if p.strip()]
-            return [int(p) if re.fullmatch(r"\d+", p) else p for p in parts]
+            values: list[Any] = []
+            for part in (p.strip() for p in text.split(",") if p.strip()):
+                span = re.fullmatch(r"(\d+)-(\d+)", part) if kind == "int_list" else None
+                if span and 0 <= int(span[2]) - int(span[1]) <= MAX_INDEX:  # a range like 0-7 (seeds)
+                    values.extend(range(int(span[1]), int(span[2]) + 1))
+                else:
+                    values.append(int(part) if re.fullmatch(r"\d+", part) else part)
+            return values
         return text
 
     def describe(self) -> str:
@@ -272,6 +297,8 @@ class Field:
             "capture_steps": "a step index, first, mid, last, or a list of them",
             "layers": "'all', a layer index, a range like 0-29 or a list",
             "numbers": "a finite number or a list of them",
+            "strings": "a list of non-empty strings",
+            "type_map": "a mapping of head index to one of " + ", ".join(self.choices),
         }[self.kind]
         bounds = self.bounds_text()
         return what + (f" ({bounds})" if bounds else "") + (" or null" if self.default is None else "")
@@ -326,6 +353,12 @@ class Field:
         elif kind == "numbers":
             item_schema = {"type": "number", **bounds}
             schema = {"oneOf": [item_schema, {"type": "array", "items": item_schema, "minItems": 1}]}
+        elif kind == "strings":
+            text = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT}
+            schema = {"type": "array", "items": text, "maxItems": MAX_ITEMS}
+        elif kind == "type_map":
+            schema = {"type": "object", "minProperties": 1, "propertyNames": {"pattern": r"^\d{1,4}$"},
+                      "additionalProperties": {"enum": list(self.choices)}}
         elif kind == "layers":
             schema = {"oneOf": [{"type": "integer", "minimum": 0, "maximum": MAX_LAYER}, {"type": "string"},
                                 {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": MAX_LAYER}}]}

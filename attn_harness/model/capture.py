@@ -1,11 +1,13 @@
 """Exact frame x frame attention statistics from q and k, and the processor that captures them.
 
-``frame_stats`` turns post-RoPE queries and keys into the two statistics of DESIGN.md
-section 3 without ever materialising the token x token matrix:
+``frame_stats`` turns post-RoPE queries and keys into the two statistics of docs/design.md
+("Statistics") without ever materialising the token x token matrix:
 
 * ``logits[a, b]`` by bilinearity: (mean of q over frame a) . (mean of k over frame b) / sqrt(d);
 * ``mass[a, b]`` by running attention with the values replaced by one-hot(frame of key),
-  so the output row of query i is the probability it sends to each key frame.
+  so the output row of query i is the probability it sends to each key frame;
+* ``aligned_mass[a, b]`` (optional) from each query's row logsumexp and only the
+  frames x tokens scores between a query and the keys at its own spatial position.
 
 ``CaptureProcessor`` replaces the self-attention processor of a diffusers
 ``WanTransformer3DModel`` block. It computes exactly what diffusers' ``WanAttnProcessor``
@@ -35,7 +37,7 @@ from attn_harness.model.wan_attention import WanProcessorBase, apply_rotary, pro
 
 STAT_DTYPE = torch.float32
 DEFAULT_QUERY_CHUNK_TOKENS = 8192
-FRAME_METRICS: tuple[str, ...] = ("logits", "mass")
+FRAME_METRICS: tuple[str, ...] = ("logits", "mass", "aligned_mass")
 TEXT_METRIC = "text_mass"
 
 
@@ -113,6 +115,54 @@ def _mass(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, groups, chunk
     return mass
 
 
+LSE_BLOCK_ELEMENTS = 1 << 24  # scores held at once by the row-logsumexp pass (64 MiB of float32)
+
+
+def _row_logsumexp(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, groups) -> torch.Tensor:
+    """Log of each query's softmax denominator over its allowed keys, float32 ``[batch, heads, tokens]``.
+
+    Exact in float32 (``torch.logsumexp`` subtracts the row maximum); queries are taken in
+    blocks so that at most ``LSE_BLOCK_ELEMENTS`` scores exist at once. Rows with no allowed
+    key stay ``-inf``.
+    """
+    batch, tokens, heads, head_dim = q.shape
+    lse = torch.full((batch, heads, tokens), float("-inf"), dtype=STAT_DTYPE, device=q.device)
+    scale = 1.0 / math.sqrt(head_dim)
+    for query_frames, key_frames in groups:
+        keys = _take(k, _token_index(key_frames, tokens_per_frame, k.device)).to(STAT_DTYPE)
+        block = max(1, LSE_BLOCK_ELEMENTS // max(1, keys.shape[1] * batch))
+        query_tokens = _token_index(query_frames, tokens_per_frame, q.device)
+        positions = torch.arange(tokens, device=q.device)[query_tokens]
+        for t0 in range(0, len(positions), block):
+            rows = positions[t0 : t0 + block]
+            queries = q.index_select(1, rows).to(STAT_DTYPE)
+            for head in range(heads):
+                scores = torch.einsum("bqd,bkd->bqk", queries[:, :, head], keys[:, :, head]) * scale
+                lse[:, head, rows] = torch.logsumexp(scores, dim=-1)
+    return lse
+
+
+def _aligned_mass(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, groups) -> torch.Tensor:
+    """``aligned_mass[a, b]``: mean over the queries of frame a of the probability each sends to
+    the key at its own spatial position in frame b. Exact: p = exp(score - row logsumexp), so
+    beyond the logsumexp only frames x tokens scores are computed. Hidden cells are 0.
+    """
+    batch, tokens, heads, head_dim = q.shape
+    num_frames = tokens // tokens_per_frame
+    lse = _row_logsumexp(q, k, tokens_per_frame, groups).unflatten(2, (num_frames, tokens_per_frame))
+    q_frames = q.unflatten(1, (num_frames, tokens_per_frame))
+    k_frames = k.unflatten(1, (num_frames, tokens_per_frame))
+    scale = 1.0 / math.sqrt(head_dim)
+    out = torch.zeros(batch, heads, num_frames, num_frames, dtype=STAT_DTYPE, device=q.device)
+    for query_frames, key_frames in groups:
+        keys = k_frames[:, key_frames].to(STAT_DTYPE)  # [batch, key frame, position, head, dim]
+        for a in query_frames:
+            scores = torch.einsum("bphd,bfphd->bhfp", q_frames[:, a].to(STAT_DTYPE), keys) * scale
+            probs = torch.exp(scores - lse[:, :, a, None, :])
+            out[:, :, a, key_frames] = probs.mean(-1)
+    return out
+
+
 def frame_stats(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,7 +173,7 @@ def frame_stats(
     chunk_tokens: int = DEFAULT_QUERY_CHUNK_TOKENS,
     lse: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Frame x frame ``logits`` and ``mass`` of one attention call, float32 ``[batch, heads, qf, kf]``.
+    """Frame x frame ``logits``, ``mass`` and ``aligned_mass`` of one attention call, float32 ``[batch, heads, qf, kf]``.
 
     ``q`` and ``k`` are post-RoPE ``[batch, tokens, heads, head_dim]`` with tokens frame-major;
     ``mask`` is bool ``[query_frame, key_frame]`` (True = may attend). Masked cells: logits NaN,
@@ -134,9 +184,9 @@ def frame_stats(
     ``chunk_tokens`` at a time (whole frames). Memory stays linear in the token count.
     """
     num_frames = _check_qk(q, k, tokens_per_frame)
-    unknown = set(metrics) - {"logits", "mass"}
+    unknown = set(metrics) - set(FRAME_METRICS)
     if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from 'logits', 'mass'")
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(FRAME_METRICS)}")
     if mask is not None:
         mask = mask.to(device=q.device)
     out: dict[str, torch.Tensor] = {}
@@ -153,6 +203,8 @@ def frame_stats(
             out["mass"] = frame_mass(q, k, tokens_per_frame, groups, lse=lse)
         else:
             out["mass"] = _mass(q, k, tokens_per_frame, groups, chunk_tokens)
+    if "aligned_mass" in metrics:
+        out["aligned_mass"] = _aligned_mass(q, k, tokens_per_frame, mask_groups(mask, num_frames))
     return out
 
 

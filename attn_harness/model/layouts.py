@@ -1,6 +1,6 @@
 """Checkpoint layouts on disk -> (diffusers config, diffusers-keyed state dict), offline.
 
-Four layouts are recognised (DESIGN.md section 2):
+Four layouts are recognised (docs/design.md, "Model sources"):
 
 * ``diffusers-pipeline``: ``model_index.json`` + ``transformer/`` (a diffusers pipeline dir);
 * ``diffusers-transformer``: ``config.json`` with ``_class_name: WanTransformer3DModel``;
@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-from safetensors.torch import load_file
 
-from attn_harness.core.errors import HarnessError, load_failure
+from attn_harness.core.errors import HarnessError
 from attn_harness.core.layout import (  # noqa: F401  (re-exported: the model layer's callers)
     CHECKPOINT_SUFFIXES,
     WEIGHTS_NAME,
@@ -34,6 +33,7 @@ from attn_harness.core.layout import (  # noqa: F401  (re-exported: the model la
     detect_layout,
     read_json,
 )
+from attn_harness.model.torchfile import load_tensors
 
 # Trainer checkpoints: the EMA generator is what one samples from, so it wins when present.
 GENERATOR_ENTRIES = ("generator_ema", "generator")
@@ -197,21 +197,11 @@ def select_generator(obj: object, where: Path) -> tuple[dict[str, torch.Tensor],
 
 def load_checkpoint_file(path: Path) -> object:
     """A ``.safetensors`` file as a dict, or a ``.pt`` file with torch's weights-only loader."""
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch and safetensors raise several types for unreadable or unsafe files
-        raise HarnessError(
-            load_failure(path, err, "training checkpoint") + "; save the generator's state_dict (tensors only)"
-        ) from None
+    return load_tensors(path, what="a training checkpoint: the generator's state_dict (tensors only)")
 
 
 def read_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        try:
-            state.update(load_file(path))
-        except Exception as err:  # safetensors raises its own error type for a corrupt header or data
-            raise HarnessError(load_failure(path, err, "safetensors weights file")) from None
+        state.update(load_tensors(path, what="a safetensors weights file"))
     return state

@@ -5,15 +5,13 @@ block-mean logits) and a few plain values. It records neither the denoising step
 timestep, so the import has one step (``step=0``) whose ``timestep`` is NaN, meaning
 "unknown"; attrs the file cannot know are the string ``"unknown"``.
 
-Loading is safe: ``torch.load(weights_only=True)`` only; a file that needs arbitrary
-unpickling is refused with an explanation instead of executing its code.
+Loading is safe (``attn_harness.model.torchfile.safe_load``, weights only): a file that needs
+arbitrary unpickling is refused with an explanation instead of executing its code.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import xarray as xr
 import attn_harness
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.fingerprint import sha256_file
+from attn_harness.model.torchfile import safe_load
 from attn_harness.core.frames import block_causal_mask
 from attn_harness.core.metrics import default_query_frames
 from attn_harness.core.schema import LEGACY_MASKS, build_dataset
@@ -121,23 +120,8 @@ def import_legacy(path: str | os.PathLike, mask: str = "auto") -> xr.Dataset:
 
 
 def _load(path: Path) -> dict:
-    """``torch.load`` with ``weights_only=True``; every failure becomes a HarnessError."""
-    if not path.is_file():
-        state = "is a directory" if path.is_dir() else "does not exist"
-        raise HarnessError(f"{path} {state}; point import-legacy at a seed extractor's .pt file")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if refused is None:  # not a pickle at all (torch reports an unsupported opcode)
-            raise HarnessError(f"{path} is not a file written by torch.save, or it is corrupt") from exc
-        raise HarnessError(
-            f"{path} contains Python objects ({refused.group(1)}) that safe loading "
-            "(torch.load weights_only=True) refuses. The harness does not execute pickled code; "
-            "re-save the file as a dict of tensors and plain Python values (int, float, str, list)"
-        ) from exc
-    except Exception as exc:  # torch raises KeyError, EOFError, RuntimeError ... for non-torch files
-        raise HarnessError(f"{path} is not a file written by torch.save ({type(exc).__name__}: {exc})") from exc
+    """The file through the harness's one safe loader (weights only); it must hold a dict."""
+    data = safe_load(path, what="a seed extractor's .pt file (a dict with 'full_frame_attention')")
     if not isinstance(data, dict):
         raise HarnessError(f"{path} holds a {type(data).__name__}; expected the seed extractor's dict")
     return data

@@ -12,7 +12,6 @@ modulation tables, norms) stay float32 whatever ``dtype`` says, as ``from_pretra
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from attn_harness.core.fingerprint import (  # noqa: F401  (re-exported: the mod
     cache_dir,
     file_sha256,
     files_fingerprint,
+    sha256_chunks,
 )
 from attn_harness.model.prompts import (
     ORIGINAL_T5_GLOB,
@@ -102,12 +102,13 @@ def hash_prompt_embedding(prompt: str, text_tokens: int, text_dim: int) -> torch
 
 def state_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over parameter names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
+    def chunks():
+        for name, tensor in sorted(model.state_dict().items()):
+            data = tensor.detach().cpu().contiguous()
+            yield f"{name}|{data.dtype}|{tuple(data.shape)}|".encode()
+            yield data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+
+    return sha256_chunks(chunks())
 
 
 def build_tiny_random() -> WanTransformer3DModel:
@@ -184,7 +185,8 @@ def build_transformer(config: dict, state: dict[str, torch.Tensor], where: Path)
     """A float32 ``WanTransformer3DModel`` holding exactly ``state`` (diffusers keys, strict).
 
     Parameters are created empty (no random init of billions of weights) and assigned; the
-    RoPE buffers are computed as usual.
+    RoPE buffers are computed as usual. ``state`` is consumed: each tensor is moved into fresh
+    storage (``_fresh_float32``) and dropped from the dict.
     """
     with init_empty_weights(include_buffers=False):
         model = WanTransformer3DModel(**config)
@@ -199,9 +201,23 @@ def build_transformer(config: dict, state: dict[str, torch.Tensor], where: Path)
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         key, got, want = wrong[0]
-        raise HarnessError(f"{where}: {len(wrong)} weight(s) have the wrong shape for {_arch(config)}, e.g. {key} is {got}, expected {want}")
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True, assign=True)
+        raise HarnessError(
+            f"{where}: {len(wrong)} weight(s) have the wrong shape for {_arch(config)}, e.g. {key} is {got}, expected {want}"
+        )
+    fresh = {key: _fresh_float32(state.pop(key)) for key in list(state)}
+    model.load_state_dict(fresh, strict=True, assign=True)
     return model.eval()
+
+
+def _fresh_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 contiguous copy in storage from PyTorch's allocator, as an in-process model has.
+
+    Tensors read from safetensors are not 64-byte aligned, and MKL's sgemm rounds differently
+    for unaligned operands on its non-AVX-512 code paths (AMD CPUs; ``MKL_ENABLE_INSTRUCTIONS=SSE4_2``
+    on Intel: 6e-7 in the output of the tiny model), so a loaded model was bitwise equal to the
+    in-process one only on AVX-512 hosts.
+    """
+    return torch.empty(tensor.shape, dtype=torch.float32).copy_(tensor)
 
 
 def _arch(config: dict) -> str:
@@ -262,7 +278,9 @@ def _load_path(path: Path, base_model: Path | None, device: str | torch.device) 
         if base_model is not None:
             base = layouts.detect_layout(base_model)
             if base.kind == "training-checkpoint":
-                raise HarnessError(f"--base-model {base_model}: must be a model dir (diffusers or original Wan), not a checkpoint file")
+                raise HarnessError(
+                    f"--base-model {base_model}: must be a model dir (diffusers or original Wan), not a checkpoint file"
+                )
             config = _architecture_of_dir(base, state if base.kind == "wan-original" else None)
             architecture = f"{base.kind} config of {base.path}"
             text_layout = base

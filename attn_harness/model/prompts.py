@@ -16,7 +16,6 @@ Anything else is a clear error naming what to pass.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import re
 from collections.abc import Callable
@@ -27,7 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attn_harness.core.atomic import atomic_path
-from attn_harness.core.errors import HarnessError, load_failure
+from attn_harness.core.errors import HarnessError
+from attn_harness.core.fingerprint import seed_of_text, sha256_chunks, sha256_text
+from attn_harness.model.torchfile import load_tensors
 
 EMBEDS_KEY = "prompt_embeds"
 NEGATIVE_KEY = "negative_prompt_embeds"
@@ -39,7 +40,7 @@ ORIGINAL_TOKENIZER = "google/umt5-xxl"  # its tokenizer folder, as Wan's configs
 
 def embedding_fingerprint(tensor: torch.Tensor) -> str:
     """sha256 of an embedding's float32 bytes (what dataset attrs record)."""
-    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return sha256_chunks([tensor.detach().float().cpu().contiguous().numpy().tobytes()])
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,7 @@ def load_prompt_embeds(path: str | Path, text_dim: int | None = None) -> PromptE
     if not path.is_file():
         state = "is a directory, not a prompt embeddings file" if path.is_dir() else "prompt embeddings file not found"
         raise HarnessError(f"{path}: {state}")
-    try:
-        if path.suffix == ".safetensors":
-            content: object = load_file(path)
-        else:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch and safetensors raise several types for unreadable or unsafe files
-        raise HarnessError(load_failure(path, err, "prompt embeddings file")) from None
+    content = load_tensors(path, what="prompt embeddings (a tensor or a dict of tensors)")
     if isinstance(content, torch.Tensor):
         return PromptEmbeds(_check_embedding(content, str(path), text_dim), None, str(path))
     if not isinstance(content, dict) or EMBEDS_KEY not in content:
@@ -112,7 +107,7 @@ class HashPromptEncoder:
         self.description = "sha256-seeded random embedding (embedded model has no text encoder)"
 
     def __call__(self, prompt: str) -> torch.Tensor:
-        seed = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "little")
+        seed = seed_of_text(prompt)
         return torch.randn(1, self.text_tokens, self.text_dim, generator=torch.Generator().manual_seed(seed))
 
 
@@ -179,7 +174,7 @@ class UMT5PromptEncoder:
         return self._fingerprint
 
     def cache_path(self, prompt: str) -> Path:
-        key = hashlib.sha256(f"{self.fingerprint}\0{self.text_tokens}\0{prompt}".encode()).hexdigest()
+        key = sha256_text(f"{self.fingerprint}\0{self.text_tokens}\0{prompt}")
         return self.cache_dir / f"{key}.safetensors"
 
     def __call__(self, prompt: str) -> torch.Tensor:

@@ -9,12 +9,12 @@ settings (max relative distance 128, gated-GELU, RMSNorm eps 1e-6) for what shap
 from __future__ import annotations
 
 import re
-import zipfile
 from pathlib import Path
 
 import torch
 
 from attn_harness.core.errors import HarnessError
+from attn_harness.model.torchfile import safe_load
 
 # Wan T5Encoder name (full match) -> transformers UMT5EncoderModel name.
 _TO_TRANSFORMERS = (
@@ -94,11 +94,7 @@ def load_original_umt5(path: Path, dtype: torch.dtype = torch.float32):
     """A ``UMT5EncoderModel`` holding the weights of Wan's ``models_t5_*.pth`` (cast to ``dtype``)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    try:
-        # mmap (no second copy of the 11 GB file in memory) needs torch's zip format; legacy files load whole.
-        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as err:  # torch raises several types for unreadable or unsafe pickles
-        raise HarnessError(f"{path}: not a weights-only torch file ({type(err).__name__}: {str(err)[:200]})") from err
+    raw = safe_load(path, what="the umT5 encoder's state dict (Wan's models_t5_*.pth)")  # mmap: no second copy of 11 GB
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise HarnessError(f"{path}: expected a state dict of tensors (Wan's T5Encoder); got {type(raw).__name__}")
     state = {k: v.to(dtype) for k, v in to_transformers_keys(raw, path).items()}

@@ -1,34 +1,55 @@
-"""Regression of one layer of an extraction against a stored baseline (NetCDF).
+"""Regression of one layer of an extraction against a stored baseline (NetCDF), per environment class.
 
-``compare`` checks dims and coords first, then values with explicit per-variable
-``atol``/``rtol`` (``attn_harness.core.spec.DEFAULT_TOLERANCES``), and explains a difference: the
-provenance that differs (fingerprint, dtype, device, versions), then per variable how many
-cells differ, the largest absolute and relative differences with their locations and a
-table of the worst cells. ``check_baseline`` runs it through pytest-regressions'
-``perform_regression_check``, so missing baselines, ``--force-regen`` and ``--regen-all``
-behave exactly as in every other pytest-regressions fixture; a match is decided in memory
-first (``matches_baseline``), so a passing check reads one file and writes none.
+A baseline records the environment class it was made in (``cpu-float32``, ``cuda-float32``,
+``cuda-bfloat16``: ``attn_harness.core.environment``). A run compares against, in this order:
+
+1. the variant for its own class, ``layer3.cuda-float32.nc`` beside ``layer3.nc``, with the
+   spec's tolerances;
+2. the baseline file itself when it was made in the run's class, with the spec's tolerances;
+3. the baseline file made in another class, with the spec's declared cross-environment
+   tolerance (``baseline: {cross_env: ...}``);
+4. else the item fails and says how to add a variant or a cross-environment tolerance.
+
+Nothing is loosened silently: every message names the file and the tolerance used. ``compare``
+checks dims and coords first, then values with explicit per-variable ``atol``/``rtol``, and
+explains a difference: the provenance that differs, then per variable how many cells differ,
+the largest absolute and relative differences with their locations, the worst cells
+(``variable_differences``: the same as data for results.json).
+
+Regeneration (the pytest-regressions options): a missing baseline is written and the item
+fails; ``--force-regen`` rewrites the current class's file when it differs (the item still
+fails); ``--regen-all`` rewrites it unless the values are within tolerance and the provenance
+that decides them is unchanged, and ``attn_harness.pytest.regen`` says how many it rewrote and why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import xarray as xr
-from pytest_regressions.common import perform_regression_check
 
 from attn_harness.core import store
+from attn_harness.core.drift import structure_differences as _structure_differences
+from attn_harness.core.environment import class_of
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.calibration import DEFAULT_SIGMAS, calibrated_differences
 from attn_harness.core.results import VariableDiff, finite_or_text
-from attn_harness.core.schema import DIMS, provenance_keys
+from attn_harness.core.schema import SAMPLE_DIM, provenance_keys
 from attn_harness.core.spec import Tolerance
 
 # What a baseline records about the run that a difference may come from (not where or when).
-PROVENANCE_ATTRS: tuple[str, ...] = provenance_keys("model", "probe", "software")
+PROVENANCE_ATTRS: tuple[str, ...] = ("environment_class", *provenance_keys("model", "probe", "software"))
+# What the numbers are of: a change here makes --regen-all rewrite a baseline even when the
+# values happen to agree. Versions, threads and timestamps are not: they only move values
+# within the tolerance (if they move them beyond it, the values say so).
+RELEVANT_PROVENANCE: tuple[str, ...] = (
+    "checkpoint_fingerprint", "model_id", "dtype", "prompt", "negative_prompt", "prompt_embedding_fingerprint", "seed",
+    "height", "width", "num_frames", "mask", "mode", "block_size", "sample_steps", "guidance", "shift", "branch",
+)
 WORST_CELLS = 5
 
 
@@ -37,30 +58,30 @@ def layer_slice(ds: xr.Dataset, layer: int) -> xr.Dataset:
     return ds.sel(layer=[layer])
 
 
-def provenance_differences(expected: xr.Dataset, obtained: xr.Dataset) -> list[str]:
+def variant_file(path: Path, environment: str) -> Path:
+    """``baselines/s/layer3.nc`` -> ``baselines/s/layer3.cuda-float32.nc``."""
+    return path.with_name(f"{path.stem}.{environment}{path.suffix}")
+
+
+def obtained_file(path: Path) -> Path:
+    """Where a differing run's data is left (beside the baseline, whichever variant was compared)."""
+    return path.with_name(path.stem + ".obtained" + path.suffix)
+
+
+def tolerance_text(tolerances: Mapping[str, Tolerance]) -> str:
+    return ", ".join(f"{name} atol={tol.atol:g} rtol={tol.rtol:g}" for name, tol in sorted(tolerances.items()))
+
+
+def provenance_differences(expected: xr.Dataset, obtained: xr.Dataset, keys: tuple[str, ...] = PROVENANCE_ATTRS) -> list[str]:
     lines = []
-    for key in PROVENANCE_ATTRS:
-        before, now = expected.attrs.get(key, "<absent>"), obtained.attrs.get(key, "<absent>")
+    for key in keys:
+        if key == "environment_class":
+            before, now = class_of(expected.attrs), class_of(obtained.attrs)
+        else:
+            before, now = expected.attrs.get(key, "<absent>"), obtained.attrs.get(key, "<absent>")
         if before != now:
             lines.append(f"  {key}: baseline {before!r} vs obtained {now!r}")
     return lines
-
-
-def _structure_differences(expected: xr.Dataset, obtained: xr.Dataset) -> list[str]:
-    problems = []
-    if set(expected.data_vars) != set(obtained.data_vars):
-        problems.append(f"variables: baseline {sorted(expected.data_vars)} vs obtained {sorted(obtained.data_vars)}")
-    for dim in DIMS:
-        before = expected[dim].values.tolist() if dim in expected.coords else None
-        now = obtained[dim].values.tolist() if dim in obtained.coords else None
-        if before != now:
-            problems.append(f"coordinate {dim}: baseline {before} vs obtained {now}")
-    if not problems and not np.allclose(expected["timestep"].values, obtained["timestep"].values):
-        problems.append(
-            f"coordinate timestep: baseline {expected['timestep'].values.tolist()} vs obtained "
-            f"{obtained['timestep'].values.tolist()}"
-        )
-    return problems
 
 
 def _where(da: xr.DataArray, flat_index: int) -> dict[str, int]:
@@ -138,13 +159,24 @@ def _value_differences(diff: VariableDiff, dims: Sequence[str]) -> list[str]:
     return lines
 
 
-def compare(expected: xr.Dataset, obtained: xr.Dataset, tolerances: Mapping[str, Tolerance]) -> list[str]:
-    """Lines explaining how ``obtained`` differs from ``expected``; empty when it matches."""
+def compare(
+    expected: xr.Dataset, obtained: xr.Dataset, tolerances: Mapping[str, Tolerance], sigmas: float = DEFAULT_SIGMAS
+) -> list[str]:
+    """Lines explaining how ``obtained`` differs from ``expected``; empty when it matches.
+
+    Populations (dim ``sample``) are compared cell by cell in units of their sampling spread
+    (``attn_harness.core.calibration``); single extractions value by value within the tolerances.
+    """
     structure = _structure_differences(expected, obtained)
     values: list[str] = []
     if not structure:
-        for diff in variable_differences(expected, obtained, tolerances):
-            values += _value_differences(diff, expected[diff.variable].dims)
+        if SAMPLE_DIM in expected.dims:
+            for name in sorted(expected.data_vars):
+                tol = tolerances[name]
+                values += calibrated_differences(name, expected[name], obtained[name], tol.atol, tol.rtol, sigmas)
+        else:
+            for diff in variable_differences(expected, obtained, tolerances):
+                values += _value_differences(diff, expected[diff.variable].dims)
     if not structure and not values:
         return []
     provenance = provenance_differences(expected, obtained)
@@ -154,74 +186,168 @@ def compare(expected: xr.Dataset, obtained: xr.Dataset, tolerances: Mapping[str,
     return lines + values
 
 
+@dataclass(frozen=True)
+class BaselineOutcome:
+    """What a passing baseline item did: the file, the tolerance, and for --regen-all the action."""
+
+    file: Path
+    tolerance: str
+    action: str  # compared | kept | rewritten
+    reason: str = ""
+
+    def text(self) -> str:
+        if self.action == "compared":
+            return f"matches {self.file} within {self.tolerance}"
+        return f"{self.action} {self.file}: {self.reason}"
+
+
+class _Unreadable(Exception):
+    def __init__(self, path: Path, error: HarnessError) -> None:
+        super().__init__(f"baseline {path} cannot be read: {error}")
+        self.path = path
+
+
+def _read(path: Path) -> xr.Dataset:
+    try:
+        return store.read_dataset(path)
+    except HarnessError as err:
+        raise _Unreadable(path, err) from None
+
+
 def check_baseline(
     obtained: xr.Dataset,
     path: Path,
     tolerances: Mapping[str, Tolerance],
     *,
     config: pytest.Config,
-    item_name: str,
     regen_command: str,
-) -> None:
-    """Compare with the baseline at ``path`` (pytest-regressions semantics); fail with a diff.
+    cross_env: Mapping[str, Tolerance] | None = None,
+    sigmas: float = DEFAULT_SIGMAS,
+    spec_location: str = "the spec",
+) -> BaselineOutcome:
+    """Compare ``obtained`` with the baseline at ``path`` (or its variant for the run's class).
 
-    A missing baseline is written and the check fails; ``--force-regen`` rewrites a differing
-    baseline and still fails; ``--regen-all`` rewrites it and passes. On a difference the
-    obtained data is left beside the baseline as ``*.obtained.nc`` (a CI artifact).
+    Returns what was done on a pass; raises ``AssertionError`` with the explanation on a
+    difference, ``pytest.fail.Exception`` when a baseline was written and the item must fail
+    (missing, or ``--force-regen``). A differing run's data is left as ``*.obtained.nc``.
     """
     __tracebackhide__ = True
-    obtained_path = obtained_file(path)
-    if matches_baseline(obtained, path, tolerances, config=config):
-        obtained_path.unlink(missing_ok=True)  # left by an earlier failing run
-        return
+    run_class = class_of(obtained.attrs)
+    variant = variant_file(path, run_class)
+    force_regen = bool(config.getoption("force_regen", False))
+    regen_all = bool(config.getoption("regen_all", False))
+    obtained_file(path).unlink(missing_ok=True)
 
-    def check_fn(obtained_file_: Path, expected_file: Path) -> None:
-        try:
-            expected = store.read_dataset(expected_file)
-        except HarnessError as err:
-            raise AssertionError(
-                f"baseline {path} cannot be read: {err}\nregenerate it from this run: {regen_command} --force-regen"
-            ) from None
-        lines = compare(expected, store.read_dataset(obtained_file_), tolerances)
-        if lines:
-            raise AssertionError("\n".join(
-                [f"baseline {path} differs from this run", *lines,
-                 f"obtained data written to {obtained_path}",
-                 f"if the change is intended, regenerate: {regen_command} --force-regen"]
-            ))
+    if not variant.is_file() and not path.is_file():
+        store.write_dataset(obtained, path)
+        if regen_all:
+            return BaselineOutcome(path, tolerance_text(tolerances), "rewritten", f"created (environment {run_class})")
+        pytest.fail(f"baseline {path} did not exist: created from this run (environment {run_class})", pytrace=False)
 
-    # perform_regression_check reads only .config and .node.{cls,name} from the request.
-    request = SimpleNamespace(config=config, node=SimpleNamespace(cls=None, name=item_name))
     try:
-        perform_regression_check(
-            datadir=path.parent,
-            original_datadir=path.parent,
-            request=request,
-            check_fn=check_fn,
-            dump_fn=lambda target: store.write_dataset(obtained, target),
-            extension=".nc",
-            fullpath=path,
-            obtained_filename=obtained_path,
-        )
-    except pytest.fail.Exception:
-        obtained_path.unlink(missing_ok=True)  # the baseline itself was (re)written from this run
-        raise
-    obtained_path.unlink(missing_ok=True)
+        return _check_existing(obtained, path, variant, run_class, tolerances, cross_env, force_regen, regen_all,
+                               regen_command, spec_location, sigmas)
+    except _Unreadable as err:
+        if not (force_regen or regen_all):
+            raise AssertionError(f"{err}\nregenerate it from this run: {regen_command} --force-regen") from None
+        store.write_dataset(obtained, err.path)
+        if regen_all:
+            return BaselineOutcome(err.path, tolerance_text(tolerances), "rewritten", "the old file could not be read")
+        pytest.fail(f"{err}: rewritten from this run ({run_class})", pytrace=False)
+
+
+def _select(path: Path, variant: Path, run_class: str, tolerances: Mapping[str, Tolerance],
+            cross_env: Mapping[str, Tolerance] | None) -> tuple[Path, xr.Dataset, Mapping[str, Tolerance] | None, str]:
+    """The file a run of ``run_class`` is judged against, its data, the tolerance and its name
+    (tolerance None: another class and nothing declared for it)."""
+    if variant.is_file():
+        return variant, _read(variant), tolerances, f"{run_class} tolerance"
+    expected = _read(path)
+    base_class = class_of(expected.attrs)
+    if base_class == run_class:
+        return path, expected, tolerances, f"{run_class} tolerance"
+    if cross_env:
+        return path, expected, cross_env, f"cross-environment tolerance ({base_class} baseline, {run_class} run)"
+    return path, expected, None, ""
 
 
 def matches_baseline(obtained: xr.Dataset, path: Path, tolerances: Mapping[str, Tolerance], *,
-                     config: pytest.Config) -> bool:
-    """The fast path of a passing check: the baseline read once and compared in memory, no
-    file written. Anything else (missing or unreadable baseline, a difference, ``--force-regen``,
-    ``--regen-all``) is False and goes through pytest-regressions, which writes and explains."""
-    if config.getoption("force_regen", False) or config.getoption("regen_all", False) or not path.is_file():
+                     config: pytest.Config, cross_env: Mapping[str, Tolerance] | None = None,
+                     sigmas: float = DEFAULT_SIGMAS) -> bool:
+    """Whether ``check_baseline`` would pass without writing anything (no regeneration asked,
+    a readable baseline for the run's class or a declared cross-environment tolerance, values within)."""
+    if config.getoption("force_regen", False) or config.getoption("regen_all", False):
+        return False
+    run_class = class_of(obtained.attrs)
+    variant = variant_file(path, run_class)
+    if not (variant.is_file() or path.is_file()):
         return False
     try:
-        expected = store.read_dataset(path)
-    except HarnessError:
+        _, expected, tol, _ = _select(path, variant, run_class, tolerances, cross_env)
+    except _Unreadable:
         return False
-    return not compare(expected, obtained, tolerances)
+    return tol is not None and not compare(expected, obtained, tol, sigmas)
 
 
-def obtained_file(path: Path) -> Path:
-    return path.with_name(path.stem + ".obtained" + path.suffix)
+def _check_existing(obtained: xr.Dataset, path: Path, variant: Path, run_class: str, tolerances: Mapping[str, Tolerance],
+                    cross_env: Mapping[str, Tolerance] | None, force_regen: bool, regen_all: bool, regen_command: str,
+                    spec_location: str, sigmas: float = DEFAULT_SIGMAS) -> BaselineOutcome:
+    __tracebackhide__ = True
+    obtained_path = obtained_file(path)
+    target, expected, tol, kind = _select(path, variant, run_class, tolerances, cross_env)
+    own_file = target if target == variant or tol is tolerances else variant  # what regeneration writes
+
+    if tol is None:  # another class, no variant, no declared cross-environment tolerance
+        if force_regen or regen_all:
+            store.write_dataset(obtained, variant)
+            reason = f"no {run_class} baseline yet (only {path.name}, made in {class_of(expected.attrs)})"
+            if regen_all:
+                return BaselineOutcome(variant, tolerance_text(tolerances), "rewritten", reason)
+            pytest.fail(f"baseline variant {variant} written for {run_class}: {reason}", pytrace=False)
+        raise AssertionError(_no_baseline_for_class(expected, obtained, path, variant, run_class, tolerances,
+                                                    regen_command, spec_location))
+
+    lines = compare(expected, obtained, tol, sigmas)
+    if regen_all:
+        changed = provenance_differences(expected, obtained, ("environment_class", *RELEVANT_PROVENANCE))
+        if not lines and not changed and own_file == target:
+            return BaselineOutcome(target, tolerance_text(tol), "kept", f"values within {tolerance_text(tol)}, same provenance")
+        store.write_dataset(obtained, own_file)
+        reason = _rewrite_reason(lines, changed, own_file, target)
+        return BaselineOutcome(own_file, tolerance_text(tolerances), "rewritten", reason)
+    if not lines:
+        return BaselineOutcome(target, f"{tolerance_text(tol)} ({kind})", "compared")
+    if force_regen:
+        store.write_dataset(obtained, own_file)
+        pytest.fail(f"baseline {own_file} rewritten from this run ({run_class}); it differed from {target}:\n"
+                    + "\n".join(lines), pytrace=False)
+    store.write_dataset(obtained, obtained_path)
+    raise AssertionError("\n".join(
+        [f"baseline {target} differs from this run beyond the {kind}: {tolerance_text(tol)}", *lines,
+         f"obtained data written to {obtained_path}",
+         f"if the change is intended, regenerate: {regen_command} --force-regen (writes {own_file})"]
+    ))
+
+
+def _rewrite_reason(lines: list[str], changed: list[str], own_file: Path, target: Path) -> str:
+    if own_file != target:
+        return f"first baseline for this environment class (compared so far with {target.name})"
+    if changed:
+        return "provenance changed: " + "; ".join(line.strip() for line in changed)
+    first = next((line for line in lines if "cells differ" in line or "coordinate" in line), lines[0])
+    return "values changed: " + first.strip()
+
+
+def _no_baseline_for_class(expected: xr.Dataset, obtained: xr.Dataset, path: Path, variant: Path, run_class: str,
+                           tolerances: Mapping[str, Tolerance], regen_command: str, spec_location: str) -> str:
+    base_class = class_of(expected.attrs)
+    drift = compare(expected, obtained, tolerances)
+    return "\n".join([
+        f"baseline {path} was made in environment {base_class}; this run is {run_class}, and there is neither a "
+        f"{run_class} variant ({variant}) nor a cross-environment tolerance in the spec. Add either:",
+        f"  - a variant for {run_class}: {regen_command} --force-regen (writes {variant}; review and commit it)",
+        f"  - a cross-environment tolerance at {spec_location}, chosen from the measured drift in docs/numerics.md, e.g.",
+        "      baseline: {cross_env: {logits: {atol: 1e-3, rtol: 1e-4}, mass: {atol: 5e-4, rtol: 1e-4}}}",
+        f"for information, against the {base_class} baseline with the {run_class} tolerance ({tolerance_text(tolerances)}):",
+        *(f"  {line}" for line in drift), *([] if drift else ["  within it"]),
+    ])

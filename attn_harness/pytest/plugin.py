@@ -30,6 +30,7 @@ import pytest
 
 from attn_harness.core.results import CheckRecord, Results, RunInfo, SpecInfo  # stdlib only
 from attn_harness.core.errors import HarnessError
+from attn_harness.pytest.regen import REGEN_PROPERTY, RegenSummary
 
 if TYPE_CHECKING:
     from attn_harness.core.probe import Probe
@@ -62,6 +63,7 @@ class _State:
     records: dict[str, CheckRecord] = field(default_factory=dict)  # nodeid -> record (controller)
     specs: dict[str, SpecInfo] = field(default_factory=dict)  # spec name -> spec entry (controller)
     report_path: Path | None = None
+    remote: Any = None  # attn_harness.pytest.distributed.RemoteExtractions under --attn-scheduler
     spec_names: dict[str, str] = field(default_factory=dict)  # spec name -> "file:line" that defines it
     baseline_files: dict[Path, str] = field(default_factory=dict)  # baseline file -> the node using it
     _cache: Any = None
@@ -78,7 +80,10 @@ class _State:
         key = f"{spec.file}::{spec.name}"
         if key not in self.loaded:
             try:
-                self.loaded[key] = self.cache.load_or_extract(source, probe, base_model=base_model)
+                if self.remote is not None and key in self.remote:
+                    self.loaded[key] = self.remote.result(key)
+                else:
+                    self.loaded[key] = self.cache.load_or_extract(source, probe, base_model=base_model)
             except HarnessError as err:
                 self.loaded[key] = err
         found = self.loaded[key]
@@ -102,6 +107,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write the HTML report to DIR/index.html (default: reports/latest under the rootdir)")
     group.addoption("--no-attn-report", action="store_true", default=False,
                     help="do not write the HTML report")
+    group.addoption("--attn-scheduler", metavar="ADDR|local:N", default=None,
+                    help="run the specs' extractions as tasks on a Dask cluster (local:N starts one here)")
     group.addoption("--attn-strict", action="store_true", default=None,
                     help="an unavailable model, environment variable or CUDA device is an error, not a skip "
                     "(for CI; default: the ini option attn_strict, else false)")
@@ -141,6 +148,25 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = state
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_Collector(state), "attn-harness-results")
+        config.pluginmanager.register(RegenSummary(), "attn-harness-regen-summary")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    scheduler = session.config.getoption("attn_scheduler")
+    if scheduler:
+        from attn_harness.pytest.distributed import submit_specs
+
+        state = session.config.stash[_STATE]
+        try:
+            state.remote = submit_specs(session.items, state.cache, scheduler)
+        except HarnessError as err:
+            raise pytest.UsageError(f"--attn-scheduler {scheduler}: {err}") from None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is not None and state.remote is not None:
+        state.remote.close()
 
 
 def _named_on_command_line(file_path: Path, config: pytest.Config) -> bool:
@@ -440,9 +466,11 @@ class BaselineItem(_SpecItem):
         tolerances = self.spec.baseline.tolerances
         self.outcome.update(status="fail", metric=", ".join(sorted(obtained.data_vars)))
         try:
-            baseline_mod.check_baseline(
-                obtained, path, tolerances, config=self.config, item_name=self.name,
-                regen_command=f"pytest '{self.nodeid}'",
+            done = baseline_mod.check_baseline(
+                obtained, path, tolerances, config=self.config,
+                regen_command=f"pytest '{self.nodeid}'", cross_env=self.spec.baseline.cross_env,
+                sigmas=self.spec.baseline.sigmas,
+                spec_location=f"{self.spec.file}:{self.spec.baseline.line}",
             )
         except AssertionError as err:
             self.outcome["message"] = str(err)
@@ -451,8 +479,11 @@ class BaselineItem(_SpecItem):
         except pytest.fail.Exception as err:  # written from this run (missing, or --force-regen)
             self.outcome["message"] = f"{err.msg}\nreview it and commit it; the next run compares against it"
             raise CheckFailed(self.outcome["message"]) from None
-        self.outcome["status"] = "pass"
-        self._record_differences(path, obtained)
+        self.outcome.update(status="pass", message=done.text(), baseline_file=done.file)
+        if done.action != "compared":
+            self.user_properties.append((REGEN_PROPERTY, (done.action, _relative(done.file, self.config.rootpath), done.reason)))
+        self._record_differences(done.file, obtained)
+        self.outcome["expected"] = done.tolerance  # the tolerance that applied, and which kind
 
     def _record_differences(self, path: Path, obtained) -> None:
         """Per variable: cells beyond tolerance, the largest differences and where (results.json)."""
@@ -490,7 +521,7 @@ class BaselineItem(_SpecItem):
         obtained = baseline_mod.obtained_file(path)
         record.line, record.property = self.spec.baseline.line, "baseline"
         record.metric = ", ".join(sorted(self.spec.baseline.tolerances))
-        record.baseline = _relative(path, self.config.rootpath)
+        record.baseline = _relative(self.outcome.get("baseline_file", path), self.config.rootpath)
         record.obtained = _relative(obtained, self.config.rootpath) if obtained.is_file() else None
         record.regen_command = f"pytest '{self.nodeid}' --force-regen"
         return record

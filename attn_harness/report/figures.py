@@ -1,6 +1,6 @@
 """The seed notebook's figures, generalised: head grids, per-head bars, statistics, overviews.
 
-Every function takes latent-frame data as stored (DESIGN.md section 4) and returns a
+Every function takes latent-frame data as stored (docs/design.md, "Data contract") and returns a
 ``matplotlib.figure.Figure`` built without pyplot, so nothing depends on a display or on
 global figure state. Pass ``pixel_frames=F`` to draw the frame axes in pixel frames
 (each pixel frame shows its latent frame, ceil(i / stride)); axis labels say which unit.
@@ -25,6 +25,7 @@ from PIL import Image
 
 from attn_harness.core import metrics
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.schema import PROBABILITIES
 from attn_harness.core.frames import expand_to_pixel_frames, num_latent_frames
 from attn_harness.core.atomic import write_atomic
 
@@ -44,10 +45,11 @@ STYLE: dict[str, object] = {
 }
 
 # Colormaps: logits and differences are signed (diverging, symmetric about 0); mass is a share.
-CMAPS: dict[str, str] = {"logits": "RdBu_r", "mass": "viridis", "difference": "RdBu_r"}
+CMAPS: dict[str, str] = {"logits": "RdBu_r", "mass": "viridis", "aligned_mass": "viridis", "difference": "RdBu_r"}
 LABELS: dict[str, str] = {
     "logits": "attention logit (block mean)",
     "mass": "attention mass",
+    "aligned_mass": "aligned attention mass",
     "difference": "difference",
 }
 MASKED_COLOR = "#d0d0d0"
@@ -168,7 +170,7 @@ def head_grid(
         raise HarnessError(f"head_grid needs dims (head, query_frame, key_frame); got {da.dims}")
     shown = _display(da.transpose("head", "query_frame", "key_frame"), pixel_frames, temporal_stride)
     values = shown.values.astype(np.float64)
-    if metric == "mass":
+    if metric in PROBABILITIES:
         vmin = 0.0
         vmax = limit if limit is not None else (float(np.nanmax(values)) if np.isfinite(values).any() else 1.0)
     else:
@@ -203,7 +205,8 @@ def head_grid(
             for location in highlight or ():
                 if int(location.get("head", head)) == head:
                     _outline(ax, shown, location)
-        colorbar_axes = fig.add_axes((1 - 0.95 / width, bottom / height + 0.1, 0.15 / width, 0.8 - (bottom + top) / height), label="colorbar")
+        colorbar_box = (1 - 0.95 / width, bottom / height + 0.1, 0.15 / width, 0.8 - (bottom + top) / height)
+        colorbar_axes = fig.add_axes(colorbar_box, label="colorbar")
         fig.colorbar(image, cax=colorbar_axes).set_label(LABELS[metric])
         if title:
             fig.suptitle(title, fontweight="bold", y=1 - 0.15 / height, va="top")
@@ -506,4 +509,90 @@ def text_mass_grid(da: xr.DataArray, *, title: str | None = None, token_labels: 
         fig.colorbar(image, cax=colorbar_axes).set_label("text attention mass")
         if title:
             fig.suptitle(title, fontweight="bold", y=1 - 0.15 / height, va="top")
+    return fig
+
+
+HEAD_TYPE_COLORS: dict[str, str] = {"sink": "#d55e00", "spatial": "#0173b2", "temporal": "#029e73", "mixed": "#bbbbbb"}
+
+
+def head_type_map(ds: xr.Dataset, step: int, thresholds: Mapping[str, float] | None = None) -> Figure:
+    """Layer x head map of head types (sink, spatial, temporal, mixed) at one step, shares annotated."""
+    _select(ds, "step", step)
+    mass, aligned = _require(ds, "mass").sel(step=step), _require(ds, "aligned_mass").sel(step=step)
+    kinds = metrics.head_types(mass, aligned, dict(thresholds or {})).transpose("layer", "head")
+    shares = metrics.head_shares(mass, aligned).transpose("layer", "head")
+    codes = np.vectorize(metrics.HEAD_TYPES.index)(kinds.values)
+    layers, heads = kinds.sizes["layer"], kinds.sizes["head"]
+    cmap = matplotlib.colors.ListedColormap([HEAD_TYPE_COLORS[t] for t in metrics.HEAD_TYPES])
+    with style():
+        fig = Figure(figsize=(0.55 * heads + 2.6, 0.32 * layers + 1.7), layout="constrained")
+        ax = fig.subplots()
+        ax.imshow(codes, cmap=cmap, vmin=-0.5, vmax=len(metrics.HEAD_TYPES) - 0.5, origin="lower", aspect="auto")
+        if layers * heads <= 96:
+            for (row, col), kind in np.ndenumerate(kinds.values):
+                share = {"sink": "first", "spatial": "own", "temporal": "aligned"}.get(kind)
+                text = f"{kind[:4]}\n{float(shares[share].values[row, col]):.2f}" if share else "mix"
+                ax.text(col, row, text, ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(heads), [str(int(h)) for h in kinds["head"].values])
+        ax.set_yticks(frame_ticks(layers), [str(int(kinds["layer"].values[i])) for i in frame_ticks(layers)])
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        handles = [Rectangle((0, 0), 1, 1, color=HEAD_TYPE_COLORS[t]) for t in metrics.HEAD_TYPES]
+        fig.legend(handles, metrics.HEAD_TYPES, loc="outside right upper")
+        fig.suptitle(f"Step {step}: head types from mass and aligned_mass", fontweight="bold")
+    return fig
+
+
+def trend(history: xr.Dataset, layer: int, *, step: int | None = None, query_frames: Sequence[int] | None = None) -> Figure:
+    """Sink score of every head of one layer against the training step of each checkpoint."""
+    if "checkpoint" not in history.dims:
+        raise HarnessError(f"a trend needs a training history (dim 'checkpoint'); got dims {dict(history.sizes)}")
+    _select(history, "layer", layer)
+    step = int(history["step"].values[-1]) if step is None else step
+    _select(history, "step", step)
+    query_frames = list(query_frames) if query_frames is not None else metrics.default_query_frames(history)
+    sink = metrics.sink_trend(history["logits"].sel(layer=layer, step=step), query_frames)
+    train_steps = history["train_step"].values
+    with style():
+        fig = Figure(figsize=(6.4, 3.4), layout="constrained")
+        ax = fig.subplots()
+        colors = matplotlib.colormaps["tab10" if history.sizes["head"] <= 10 else "tab20"]
+        for head in sink["head"].values:
+            ax.plot(train_steps, sink.sel(head=head).values, "o-", color=colors(int(head) % colors.N), label=f"H{int(head)}", markersize=3)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("sink score (first - mid), logits")
+        ax.grid(True, alpha=0.3)
+        fig.legend(loc="outside right upper", ncols=max(1, math.ceil(history.sizes["head"] / 16)))
+        fig.suptitle(f"Layer {layer}, denoising step {step}: sink score over training (query frames {query_frames})", fontweight="bold")
+    return fig
+
+
+def sample_distribution(ds: xr.Dataset, step: int, *, query_frames: Sequence[int] | None = None) -> Figure:
+    """Per layer, each head's sink score across the samples of a population (box and points)."""
+    if "sample" not in ds.dims:
+        raise HarnessError("sample_distribution needs a population extraction (dim 'sample')")
+    _select(ds, "step", step)
+    query_frames = list(query_frames) if query_frames is not None else metrics.default_query_frames(ds)
+    sink = metrics.head_stats(ds["logits"].sel(step=step), query_frames)["sink"].transpose("layer", "head", "sample")
+    layers = [int(v) for v in sink["layer"].values]
+    rows, cols = grid_shape(len(layers))
+    heads = [int(h) for h in sink["head"].values]
+    with style():
+        fig = Figure(figsize=(cols * max(2.6, 0.35 * len(heads) + 1.0), rows * 2.2 + 0.6), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        for ax, layer in zip(axes, layers):
+            values = sink.sel(layer=layer).values
+            ax.boxplot(values.T, positions=range(len(heads)), widths=0.6, showfliers=False)
+            for position, row in enumerate(values):
+                ax.plot(np.full(row.shape, position), row, ".", color=BAR_COLOR, alpha=0.5, markersize=3)
+            ax.axhline(0.0, color="black", linewidth=0.6)
+            ax.set_xticks(range(len(heads)), [str(h) for h in heads])
+            ax.set_title(f"layer {layer}")
+            ax.set_xlabel("head")
+            ax.set_ylabel("sink score, logits")
+        for ax in axes[len(layers):]:
+            ax.set_visible(False)
+        fig.suptitle(f"Step {step}: sink score per head over {ds.sizes['sample']} samples (query frames {query_frames})",
+                     fontweight="bold")
     return fig

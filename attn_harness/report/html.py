@@ -20,6 +20,8 @@ import matplotlib
 import numpy as np
 import xarray as xr
 
+from attn_harness.core import metrics
+from attn_harness.core.schema import SAMPLE_DIM
 from attn_harness.core.atomic import write_atomic
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.results import STATUSES, CheckRecord, Results, SpecInfo
@@ -87,6 +89,7 @@ class _Datasets:
                 ds = ds.load()
         except (OSError, ValueError) as err:
             return f"{path} is not readable NetCDF: {err}"
+        ds = metrics.sample_mean(ds)
         if metric in ds:
             return ds[metric]
         if len(ds.data_vars) == 1:
@@ -183,6 +186,11 @@ def _check_figures(store: _Datasets, dataset: xr.Dataset | str, check: CheckReco
         return [], f"no figure: {err}"
 
 
+def _png_img(fig, alt: str) -> str:
+    """A figure as an inline PNG ``<img>`` (point clouds are several times smaller as PNG than as SVG)."""
+    return f'<img src="{figures.png_data_uri(fig, dpi=PNG_DPI)}" alt="{alt}">'
+
+
 def _text_figure(ds: xr.Dataset, step: int) -> dict:
     """The cross-attention of the last captured layer at ``step``: text mass per query frame and token."""
     layer = int(ds["layer"].values[-1])
@@ -225,7 +233,13 @@ def _spec_section(store: _Datasets, spec: SpecInfo, checks: list[CheckRecord], i
         dataset_note = dataset + (": " + "; ".join(reasons) if reasons and not spec.dataset else "")
     else:
         step = int(dataset["step"].values[-1])
-        overview = figures.inline_svg(figures.layer_head_overview(dataset, step))
+        distribution = ""
+        if SAMPLE_DIM in dataset.dims:  # a population: its sample spread, then the mean in every other figure
+            distribution = _png_img(figures.sample_distribution(dataset, step), "sink score per head over the samples")
+            dataset = metrics.sample_mean(dataset)
+        overview = figures.inline_svg(figures.layer_head_overview(dataset, step)) + distribution
+        if "aligned_mass" in dataset and "mass" in dataset:
+            overview += _png_img(figures.head_type_map(dataset, step), "head types per layer and head")
         if "text_mass" in dataset.data_vars:
             text_figure = _text_figure(dataset, step)
     rows, failures = [], []

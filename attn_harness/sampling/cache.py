@@ -17,7 +17,6 @@ an entry that cannot be read, or that holds another key, is re-extracted with a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,8 +30,9 @@ from filelock import FileLock
 import attn_harness
 from attn_harness.core import catalog, store
 from attn_harness.core.atomic import TEMP_PATTERN, describe_os_error, sweep_stale_temps, write_atomic
+from attn_harness.core.environment import cpu_name, numerics_env
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.fingerprint import file_sha256
+from attn_harness.core.fingerprint import file_sha256, sha256_json
 from attn_harness.core.probe import Probe
 
 DEFAULT_DIR = ".attn-cache"
@@ -61,7 +61,7 @@ def cache_key(fingerprint: str, probe: Probe, device: str, version: str = attn_h
               inputs: dict[str, str] | None = None) -> str:
     """sha256 of everything that decides an extraction; ``inputs`` fingerprints other files it reads."""
     payload = {"model": fingerprint, "probe": probe.as_dict(), "device": device, "harness": version, **(inputs or {})}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_json(payload)
 
 
 def resolved_device(device: str) -> str:
@@ -109,8 +109,9 @@ class ExtractionCache:
 
     def key_for(self, model: str, probe: Probe, *, base_model: str | None = None) -> str:
         """The cache key of ``model`` under ``probe``: from file fingerprints (cached on disk) and
-        static facts, so a warm lookup imports neither torch nor diffusers."""
-        inputs = {}
+        static facts, so a warm lookup imports neither torch nor diffusers. The CPU and the
+        kernel-selecting environment variables are in it: a forced ISA runs other kernels."""
+        inputs = {"cpu": cpu_name(), "numerics_env": numerics_env()}
         if base_model:
             inputs["base_model"] = catalog.source_identity(base_model)
         if probe.prompt_embeds:

@@ -8,6 +8,7 @@ The teacher-forced pass (``sampling.extract``) and the block-by-block rollout
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,12 +28,14 @@ from attn_harness.model.prompts import Conditioning, resolve_conditioning
 from attn_harness.sampling.samplers import sampler_attrs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_ENV = "ATTN_DEVICE"
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; an explicit CUDA device without CUDA is an error."""
+    """``auto`` is ``$ATTN_DEVICE`` if set (the test suite pins ``cpu``), else CUDA when present;
+    an explicit CUDA device without CUDA is an error."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as err:

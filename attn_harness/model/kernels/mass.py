@@ -4,7 +4,7 @@
 ``softmax(q_i . k_j / sqrt(d))_j``. Two kernels, both tiled like flash attention:
 
 * ``_row_stats_kernel``: per query row, the running maximum ``m`` of the raw scores and
-  ``log2 l`` with ``l = sum_j 2^((s_ij - m) c)``, ``c = log2(e) / sqrt(d)`` (online softmax,
+  ``log2 row_sum`` with ``row_sum = sum_j 2^((s_ij - m) c)``, ``c = log2(e) / sqrt(d)`` (online softmax,
   without the P @ V product);
 * ``_mass_kernel``: given those row statistics (or the row logsumexp of the model's own
   attention call), one pass over the keys summing ``p_ij = 2^((s_ij - m_i) c - log2 l_i)``
@@ -75,14 +75,14 @@ def _scores(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, D: tl.constexp
 
 
 @triton.jit
-def _row_stats_tile(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, m, l, c,
+def _row_stats_tile(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, m, row_sum, c,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):
     s = _scores(q, k_base, stride_kn, start, key_hi, offs_n0, offs_d, D, BLOCK_D, MASK_N, PRECISION, UPCAST)
     m_new = tl.maximum(m, tl.max(s, 1))
     p = tl.exp2((s - m_new[:, None]) * c)
-    l = l * tl.exp2((m - m_new) * c) + tl.sum(p, 1)
-    return m_new, l
+    row_sum = row_sum * tl.exp2((m - m_new) * c) + tl.sum(p, 1)
+    return m_new, row_sum
 
 
 @triton.jit
@@ -109,21 +109,21 @@ def _row_stats_kernel(
         q = q.to(tl.float32)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
     if STATIC:  # a constant trip count: what Triton's CPU interpreter can run
         for t in range(FULL_TILES):
-            m, l = _row_stats_tile(q, k_base, stride_kn, key_lo + t * BLOCK_N, key_hi, offs_n0, offs_d, m, l, c,
+            m, row_sum = _row_stats_tile(q, k_base, stride_kn, key_lo + t * BLOCK_N, key_hi, offs_n0, offs_d, m, row_sum, c,
                                    D, BLOCK_D, False, PRECISION, UPCAST)
     else:
         for t in range(full_tiles):
-            m, l = _row_stats_tile(q, k_base, stride_kn, key_lo + t * BLOCK_N, key_hi, offs_n0, offs_d, m, l, c,
+            m, row_sum = _row_stats_tile(q, k_base, stride_kn, key_lo + t * BLOCK_N, key_hi, offs_n0, offs_d, m, row_sum, c,
                                    D, BLOCK_D, False, PRECISION, UPCAST)
     if TAIL:
-        m, l = _row_stats_tile(q, k_base, stride_kn, key_lo + full_tiles * BLOCK_N, key_hi, offs_n0, offs_d, m, l, c,
+        m, row_sum = _row_stats_tile(q, k_base, stride_kn, key_lo + full_tiles * BLOCK_N, key_hi, offs_n0, offs_d, m, row_sum, c,
                                D, BLOCK_D, True, PRECISION, UPCAST)
     offs = bh.to(tl.int64) * tokens + rows
     tl.store(m_ptr + offs, m, mask=row_ok)
-    tl.store(log2l_ptr + offs, tl.log2(l), mask=row_ok)
+    tl.store(log2l_ptr + offs, tl.log2(row_sum), mask=row_ok)
 
 
 @triton.jit
