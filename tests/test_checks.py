@@ -326,7 +326,7 @@ def test_selecting_a_head_that_does_not_exist_is_an_error():
     ("name", "params", "message"),
     [
         ("sink_score", {}, "needs at least one of sign, min, max"),
-        ("sink_heads", {}, "missing required parameter 'expected'"),
+        ("sink_heads", {}, "expected: missing required parameter"),
         ("value_range", {"min": "low"}, "min: expected a finite number"),
         ("value_range", {"mostly": 1.5}, r"mostly: must be <= 1; got 1.5"),
         ("value_range", {"mostly": 0}, r"mostly: must be > 0; got 0"),

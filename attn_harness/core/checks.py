@@ -650,7 +650,7 @@ def normalize_params(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     if params["metric"] not in prop.metrics:
         problems.append(FieldError("metric", f"{name} works on {', '.join(prop.metrics)} only; got {params['metric']!r}"))
     if prop.requires_one_of and all(params[key] is None for key in prop.requires_one_of):
-        problems.append(FieldError(None, f"{name} needs at least one of {', '.join(prop.requires_one_of)}"))
+        problems.append(FieldError(None, f"needs at least one of {', '.join(prop.requires_one_of)}"))
     for low, high in (("min", "max"), ("min_distance", "max_distance")):
         if params.get(low) is not None and params.get(high) is not None and params[low] > params[high]:
             problems.append(FieldError(low, f"{low} {params[low]:g} is above {high} {params[high]:g}: nothing can pass"))

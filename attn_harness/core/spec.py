@@ -327,7 +327,7 @@ def _property_check(ctx: _Ctx, item: Any, where: str, line: int) -> PropertyChec
         normalized = checks.normalize_params(name, params)
     except FieldErrors as errors:
         for err in errors.problems:
-            if err.message == "unknown key":
+            if err.message.startswith("unknown key"):
                 ctx.note(_line(raw, err.key, key_line), f"unknown key '{_word(err.key)}' in {where}.{name}"
                          f"{_suggest(err.key, allowed)}; allowed: {', '.join(allowed)}")
             else:

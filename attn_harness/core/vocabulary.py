@@ -13,6 +13,7 @@ accepted where a one-element list is meant (``heads: 0`` is ``heads: [0]``).
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -182,8 +183,8 @@ class Field:
                 return value
             if kind == "layers":
                 return parse_layers(value)
-            if kind == "type_map":
-                return self._type_map(value)
+            if kind == "type_map" and (mapping := self._type_map(value)) is not None:
+                return mapping
             items = self._items(value)
             if items is not None:
                 return items
@@ -394,7 +395,9 @@ def validate(fields: Mapping[str, Field], raw: Mapping[str, Any], *, fill_defaul
     out: dict[str, Any] = {}
     for key in raw:
         if key not in fields:
-            problems.append(FieldError(str(key), "unknown key"))
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(FieldError(str(key), f"unknown key{hint}; known: {', '.join(fields)}"))
     for key, field_ in fields.items():
         if key in raw:
             try:
@@ -402,7 +405,7 @@ def validate(fields: Mapping[str, Field], raw: Mapping[str, Any], *, fill_defaul
             except FieldError as err:
                 problems.append(err)
         elif field_.default is REQUIRED:
-            problems.append(FieldError(key, f"missing required parameter '{key}' ({field_.doc})"))
+            problems.append(FieldError(key, f"missing required parameter ({field_.doc})"))
         elif fill_defaults:
             out[key] = field_.default
     if problems:
