@@ -136,3 +136,14 @@ def test_statistics_and_checks_leave_the_dataset_as_it_was() -> None:
     ds.attn.check("sink_score", layer=0, sign="positive", heads=[0])
     assert ds.identical(before)
     assert all(var.attrs == before[name].attrs for name, var in ds.variables.items())
+
+
+def test_ds_attn_exists_however_late_xarray_is_imported() -> None:
+    """The pytest plugin imports the package before any test file imports xarray."""
+    import subprocess
+    import sys
+
+    code = ("import sys, attn_harness; assert 'xarray' not in sys.modules; "
+            "import xarray as xr; print(hasattr(xr.Dataset(), 'attn'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "True"
