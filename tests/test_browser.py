@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from attn_harness.core.spec import load_specs
-from attn_harness.report.html import render_compare, render_run_report
+from attn_harness.report.html import OVERVIEW_ALT, render_compare, render_run_report
 from tests.test_figures import planted_dataset
 from tests.test_report_html import SKIP_REASON, results_record
 
@@ -106,7 +106,7 @@ def test_run_report_renders_every_figure_without_console_errors(browser, tmp_pat
     shot = tmp_path / "report.png"
     measured, errors, requests = open_page(browser, report, screenshot=shot)
     assert_renders(measured, errors, requests)
-    assert len(measured["imgs"]) == 5 and len(measured["svgs"]) == 1
+    assert len(measured["imgs"]) == 6 and measured["svgs"] == []  # the overview and the failures' figures
     assert shot.stat().st_size > 10_000
 
 
@@ -228,4 +228,4 @@ def test_report_of_a_real_specs_run_renders_and_counts_what_pytest_counted(brows
     shot = Path(os.environ.get("ATTN_SCREENSHOT_TO") or tmp_path / "shot.png")
     measured, errors, requests = open_page(browser, page, screenshot=shot)
     assert_renders(measured, errors, requests)
-    assert len(measured["svgs"]) == len(ran)  # one overview per spec that ran
+    assert [img["alt"] for img in measured["imgs"]].count(OVERVIEW_ALT) == len(ran)  # one overview per spec that ran
