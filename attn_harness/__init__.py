@@ -31,9 +31,17 @@ __version__ = "0.1.0"
 
 
 
-def _register_accessor() -> None:
-    """Register ``ds.attn`` (``attn_harness.accessor``), which imports xarray."""
-    importlib.import_module("attn_harness.accessor")
+def _attn(ds: Any) -> Any:
+    """``ds.attn``: an ``attn_harness.accessor.AttnAccessor`` (the module is imported on first use)."""
+    from attn_harness.accessor import AttnAccessor
+
+    return AttnAccessor(ds)
+
+
+def _register_accessor(xr: Any) -> None:
+    """Register ``ds.attn`` on xarray's Dataset (once); imports nothing of the harness."""
+    if "attn" not in xr.Dataset.__dict__:
+        xr.register_dataset_accessor("attn")(_attn)
 
 
 class _AfterXarrayImport(importlib.abc.MetaPathFinder):
@@ -50,7 +58,7 @@ class _AfterXarrayImport(importlib.abc.MetaPathFinder):
 
             def exec_module(module: Any) -> None:
                 run_module(module)
-                _register_accessor()
+                _register_accessor(module)
 
             spec.loader.exec_module = exec_module
         return spec
@@ -59,7 +67,7 @@ class _AfterXarrayImport(importlib.abc.MetaPathFinder):
 # ds.attn: registered now if xarray is already loaded, else as soon as xarray is imported, so that
 # importing a module of the package (the pytest plugin, the torch-free core) stays cheap.
 if "xarray" in sys.modules:
-    _register_accessor()
+    _register_accessor(sys.modules["xarray"])
 elif not any(isinstance(finder, _AfterXarrayImport) for finder in sys.meta_path):
     sys.meta_path.insert(0, _AfterXarrayImport())
 
@@ -126,7 +134,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'attn_harness' has no attribute {name!r}")
-    _register_accessor()
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
