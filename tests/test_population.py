@@ -117,3 +117,49 @@ def test_over_samples_needs_a_population():
     with pytest.raises(HarnessError, match="over: samples needs a population"):
         run_check(one, "sink_heads", {"expected": [0], "over": "samples"})
     assert math.isfinite(wilson_lower_bound(0, 5, 0.95))
+
+
+def _random_population(mask: str, samples: int = 5):
+    """Random logits, mass, aligned and text mass for 2 steps x 2 layers x 3 heads x 6 frames per sample."""
+    rng = np.random.default_rng(3)
+    datasets = []
+    for _ in range(samples):
+        logits = rng.normal(scale=2.0, size=(2, 2, 3, 6, 6))
+        if mask == "block-causal":
+            logits[..., :3, 3:] = np.nan  # blocks of 3 frames
+        mass = np.nan_to_num(np.exp(logits))
+        mass /= mass.sum(axis=-1, keepdims=True)
+        text = rng.dirichlet(np.ones(5), size=(2, 2, 3, 6))
+        attrs = {**{key: "unknown" for key in REQUIRED_ATTRS}, "mask": mask, "block_size": 3,
+                 "prompt_embedding_fingerprint": "x", "created": "now"}
+        datasets.append(build_dataset({"logits": logits, "mass": mass, "aligned_mass": mass * rng.uniform(size=mass.shape)},
+                                      steps=[0, 2], timesteps=[999.0, 500.0], layers=[0, 1], attrs=attrs, text_mass=text))
+    return stack_samples(datasets, [(f"prompt {i}", i) for i in range(samples)])
+
+
+@pytest.mark.parametrize("mask", ["bidirectional", "block-causal"])
+def test_one_evaluation_of_all_samples_equals_each_sample_evaluated_alone(mask):
+    from attn_harness.core.checks import PROPERTIES, _positional, _select, normalize_params
+
+    population = _random_population(mask)
+    cases = [
+        ("value_range", {"min": -2, "max": 2}), ("value_range", {"metric": "mass", "max": 0.5}),
+        ("sink_score", {"sign": "positive"}), ("sink_score", {"min": -0.5, "max": 0.5}),
+        ("diagonal_dominance", {"metric": "mass", "against": "mean"}), ("diagonal_dominance", {"margin": 0.5}),
+        ("row_stochastic", {"tol": 1e-7}), ("causal", {"block_size": 2}), ("causal", {"metric": "logits", "block_size": 2}),
+        ("temporal_decay", {}), ("temporal_decay", {"exclude_first": False, "tol": 0.2}),
+        ("sink_heads", {"expected": [1], "threshold": 0.0}),
+        ("head_types", {"expected": {0: "temporal", 2: "sink"}, "temporal": 0.2}), ("head_types", {"stable_across": "steps"}),
+        ("text_share", {"tokens": [0, 1], "min": 0.2, "max": 0.6}),
+    ]
+    failing = 0
+    for name, raw in cases:
+        prop, params = PROPERTIES[name], normalize_params(name, raw)
+        whole = _select(population, params, None)
+        extra = {var: _select(population, {**params, "metric": var}, None) for var in prop.uses}
+        together = prop.fn(_positional(whole), params, **{k: _positional(v) for k, v in extra.items()})
+        alone = [prop.fn(whole.isel(sample=i, drop=True), params, **{k: v.isel(sample=i, drop=True) for k, v in extra.items()})
+                 for i in range(population.sizes["sample"])]
+        assert together == alone, (name, raw)  # counts, verdict inputs, messages and violations, exactly
+        failing += sum(ev.failing for ev in alone)
+    assert failing > 0  # the comparison covers violations and their notes

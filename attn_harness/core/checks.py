@@ -5,7 +5,9 @@ Each property is a function from a selection of one extraction (a DataArray with
 how many units (cells, rows or heads) were checked and which of them violate the property,
 each named by its coordinates. ``run_check`` adds what every property shares: the
 ``metric`` (``logits`` or ``mass``), ``heads`` and ``steps`` selections, ``mostly`` (the
-share of units that must pass) and ``severity`` (``fail`` or ``warn``).
+share of units that must pass) and ``severity`` (``fail`` or ``warn``). A population (dim
+``sample``) is evaluated once over all its samples; each sample's units and violations are
+read from that one evaluation (``_Part``) and equal those of the sample evaluated alone.
 
 Parameters are declared as data (``Param``), so the spec loader validates them before any
 model runs and the docs can list them. Formulas are in each property's ``formula``.
@@ -25,7 +27,7 @@ import xarray as xr
 from attn_harness.core import metrics
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells, mask_params
-from attn_harness.core.schema import DIMS, METRICS, PROBABILITIES, SAMPLE_DIM, TEXT_METRIC
+from attn_harness.core.schema import DIMS, METRICS, PROBABILITIES, SAMPLE_COORDS, SAMPLE_DIM, TEXT_METRIC
 from attn_harness.core.vocabulary import REQUIRED, Field, FieldError, FieldErrors, step_index, validate
 
 MAX_LISTED = 10  # violations spelled out in a failure message (all are in ``violations``)
@@ -68,7 +70,8 @@ class Violation:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What a property function returns: units checked, failing units and their violations."""
+    """What a property function returns (one per sample for a population): units checked, failing units and their
+    violations."""
 
     unit: str  # what one unit is, plural: "cells", "rows", "heads"
     units: int
@@ -96,7 +99,9 @@ class CheckResult:
         return self.status != "fail"
 
 
-PropertyFn = Callable[[xr.DataArray, dict], Evaluation]
+# A property's verdict on an extraction, or on each sample of a population (from one evaluation of all samples).
+Evaluated = Evaluation | list[Evaluation]
+PropertyFn = Callable[..., Evaluated]
 
 
 @dataclass(frozen=True)
@@ -128,25 +133,26 @@ def _mask_of(da: xr.DataArray) -> dict:
 
 
 def _ordered(da: xr.DataArray) -> xr.DataArray:
-    """Transpose by name into the contract's dim order (plus any extra dims last)."""
-    order = [d for d in DIMS if d in da.dims] + [d for d in da.dims if d not in DIMS]
+    """Transpose by name into the contract's dim order, a population's ``sample`` first (plus any extra dims last)."""
+    known = (SAMPLE_DIM, *DIMS)
+    order = [d for d in known if d in da.dims] + [d for d in da.dims if d not in known]
     return da.transpose(*order)
 
 
 def _collect(
     bad: xr.DataArray, observed: xr.DataArray, expected: str | Callable[[dict], str], note: Callable[[dict], str] | None = None
 ) -> list[Violation]:
-    """One Violation per True cell of ``bad``, located by coordinate values (not positions)."""
+    """One Violation per True cell of ``bad``, located by coordinate values (not positions), a population's ``sample`` first."""
     bad = _ordered(bad)
-    observed = observed.broadcast_like(bad).transpose(*bad.dims)
+    observed = observed.broadcast_like(bad).transpose(*bad.dims).values
+    coords = [bad[dim].values for dim in bad.dims]
     found = []
     for index in np.argwhere(bad.values):
-        location = {dim: int(bad[dim].values[i]) for dim, i in zip(bad.dims, index)}
-        value = float(observed.values[tuple(index)])
+        location = {dim: int(values[i]) for dim, values, i in zip(bad.dims, coords, index)}
         found.append(
             Violation(
                 location=location,
-                observed=value,
+                observed=float(observed[tuple(index)]),
                 expected=expected(location) if callable(expected) else expected,
                 note=note(location) if note else "",
             )
@@ -154,19 +160,77 @@ def _collect(
     return found
 
 
+class _Part:
+    """One sample of a population (``index``), or the whole extraction (``index`` None), read from arrays a property
+    computed once for all samples: a sample's figures are those of the sample evaluated alone."""
+
+    def __init__(self, index: int | None) -> None:
+        self.index = index
+
+    def values(self, da: xr.DataArray) -> np.ndarray:
+        if self.index is None or SAMPLE_DIM not in da.dims:
+            return da.values
+        return np.take(da.values, self.index, axis=da.get_axis_num(SAMPLE_DIM))
+
+    def count(self, da: xr.DataArray) -> int:
+        """True (non-zero) cells."""
+        return int(np.count_nonzero(self.values(da)))
+
+    def size(self, da: xr.DataArray) -> int:
+        return int(self.values(da).size)
+
+    def present(self, da: xr.DataArray) -> np.ndarray:
+        """The values that are not NaN."""
+        values = self.values(da)
+        return values[~np.isnan(values)]
+
+    def extreme(self, da: xr.DataArray, which: str) -> float:
+        """``min`` or ``max`` over the values that are not NaN (NaN when there are none)."""
+        values = self.present(da)
+        return float(getattr(values, which)()) if values.size else math.nan
+
+    def range_text(self, da: xr.DataArray) -> str:
+        values = self.present(da)
+        return f"min={float(values.min()):.6g} max={float(values.max()):.6g}" if values.size else "no values"
+
+    def violations(self, found: list[Violation]) -> list[Violation]:
+        """The violations ``_collect`` found in this part, located within it (without ``sample``)."""
+        if self.index is None:
+            return found
+        return [
+            Violation({k: v for k, v in one.location.items() if k != SAMPLE_DIM}, one.observed, one.expected, one.note)
+            for one in found if one.location[SAMPLE_DIM] == self.index
+        ]
+
+
+def _evaluate(da: xr.DataArray, build: Callable[[_Part], Evaluation]) -> Evaluation | list[Evaluation]:
+    """``build`` the Evaluation of an extraction, or of each sample of a population (its ``sample`` coordinate
+    is the sample's position: ``run_check`` sets it)."""
+    if SAMPLE_DIM not in da.dims:
+        return build(_Part(None))
+    return [build(_Part(i)) for i in range(da.sizes[SAMPLE_DIM])]
+
+
 def _frames_text(frames: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(f)) for f in frames) + "]"
-
-
-def _range_text(da: xr.DataArray) -> str:
-    if da.size == 0 or bool(da.isnull().all()):
-        return "no values"
-    return f"min={float(da.min(skipna=True)):.6g} max={float(da.max(skipna=True)):.6g}"
 
 
 def _visible_only(da: xr.DataArray) -> xr.DataArray:
     """NaN on cells the extraction's mask hides (masked mass is 0, which is not a value to average)."""
     return da.where(~hidden_cells(da, **_mask_of(da)))
+
+
+def _head_stats(da: xr.DataArray, frames: Sequence[int]) -> xr.Dataset:
+    """``metrics.head_stats`` with each sample's own valid key frames: it takes first and middle from the valid key
+    frames, which over a whole population are the union of the samples' (equal unless a visible cell is NaN)."""
+    if SAMPLE_DIM in da.dims:
+        profile = metrics.query_profile(da, frames)
+        valid = profile.notnull().any([d for d in profile.dims if d not in (SAMPLE_DIM, "key_frame")])
+        valid = valid.transpose(SAMPLE_DIM, "key_frame").values
+        if (valid != valid[:1]).any():
+            parts = [metrics.head_stats(da.isel({SAMPLE_DIM: i}), frames) for i in range(da.sizes[SAMPLE_DIM])]
+            return xr.concat(parts, dim=SAMPLE_DIM)
+    return metrics.head_stats(da, frames)
 
 
 def _query_frames(da: xr.DataArray, params: dict) -> list[int]:
@@ -177,7 +241,7 @@ def _query_frames(da: xr.DataArray, params: dict) -> list[int]:
 # --------------------------------------------------------------------------- properties
 
 
-def value_range(da: xr.DataArray, params: dict) -> Evaluation:
+def value_range(da: xr.DataArray, params: dict) -> Evaluated:
     visible = ~hidden_cells(da, **_mask_of(da))
     lo, hi, finite = params["min"], params["max"], params["finite"]
     values = da.where(visible)
@@ -194,19 +258,20 @@ def value_range(da: xr.DataArray, params: dict) -> Evaluation:
     if finite:
         parts.append("finite")
     expected = " and ".join(parts) if parts else "anything"
-    return Evaluation(
+    found = _collect(bad, da, expected)
+    return _evaluate(da, lambda part: Evaluation(
         unit="cells",
-        units=int(cells.sum()),
-        failing=int(bad.sum()),
-        violations=_collect(bad, da, expected),
-        observed=f"{_range_text(values)} non-finite={int(nonfinite.sum())}",
+        units=part.count(cells),
+        failing=part.count(bad),
+        violations=part.violations(found),
+        observed=f"{part.range_text(values)} non-finite={part.count(nonfinite)}",
         expected=expected,
-    )
+    ))
 
 
-def sink_score(da: xr.DataArray, params: dict) -> Evaluation:
+def sink_score(da: xr.DataArray, params: dict) -> Evaluated:
     frames = _query_frames(da, params)
-    stats = metrics.head_stats(_visible_only(da), frames)
+    stats = _head_stats(_visible_only(da), frames)
     sink = stats["sink"]
     bad = xr.zeros_like(sink, dtype=bool) | sink.isnull()
     parts = []
@@ -229,17 +294,18 @@ def sink_score(da: xr.DataArray, params: dict) -> Evaluation:
         one = stats.sel(loc)
         return f"sink = first {float(one['first']):.4g} - mid {float(one['mid']):.4g}, query_frames={frames_text}"
 
-    return Evaluation(
+    found = _collect(bad, sink, expected, note)
+    return _evaluate(da, lambda part: Evaluation(
         unit="heads",
-        units=int(sink.size),
-        failing=int(bad.sum()),
-        violations=_collect(bad, sink, expected, note),
-        observed=f"sink {_range_text(sink)} over query_frames={frames_text}",
+        units=part.size(sink),
+        failing=part.count(bad),
+        violations=part.violations(found),
+        observed=f"sink {part.range_text(sink)} over query_frames={frames_text}",
         expected=f"{expected} (query_frames={frames_text})",
-    )
+    ))
 
 
-def diagonal_dominance(da: xr.DataArray, params: dict) -> Evaluation:
+def diagonal_dominance(da: xr.DataArray, params: dict) -> Evaluated:
     if params["query_frames"]:
         metrics._check_frames(da, params["query_frames"])
         da = da.sel(query_frame=list(params["query_frames"]))
@@ -264,35 +330,37 @@ def diagonal_dominance(da: xr.DataArray, params: dict) -> Evaluation:
         strongest = int(row.idxmax("key_frame", skipna=True))
         return f"diagonal {float(diag.sel(loc)):.4g} vs key_frame={strongest} {float(competitor.sel(loc)):.4g}"
 
-    return Evaluation(
+    found = _collect(bad, gap, expected, note)
+    shown = gap.where(has_other)
+    return _evaluate(da, lambda part: Evaluation(
         unit="query rows",
-        units=int(has_other.sum()),
-        failing=int(bad.sum()),
-        violations=_collect(bad, gap, expected, note),
-        observed=f"diagonal - {'mean' if params['against'] == 'mean' else 'max'} of others: {_range_text(gap.where(has_other))}",
+        units=part.count(has_other),
+        failing=part.count(bad),
+        violations=part.violations(found),
+        observed=f"diagonal - {'mean' if params['against'] == 'mean' else 'max'} of others: {part.range_text(shown)}",
         expected=expected,
-    )
+    ))
 
 
-def row_stochastic(da: xr.DataArray, params: dict) -> Evaluation:
+def row_stochastic(da: xr.DataArray, params: dict) -> Evaluated:
     tol = params["tol"]
     row_sum = da.astype(np.float64).sum("key_frame", skipna=False)
     bad_sum = ~(np.abs(row_sum - 1) <= tol)
     negative = da < 0
     bad_rows = bad_sum | negative.any("key_frame")
-    violations = _collect(bad_sum, row_sum, f"row sum 1 +/- {tol:g}", lambda loc: "row sum")
-    violations += _collect(negative, da, ">= 0", lambda loc: "negative mass")
-    return Evaluation(
+    sums = _collect(bad_sum, row_sum, f"row sum 1 +/- {tol:g}", lambda loc: "row sum")
+    negatives = _collect(negative, da, ">= 0", lambda loc: "negative mass")
+    return _evaluate(da, lambda part: Evaluation(
         unit="rows",
-        units=int(row_sum.size),
-        failing=int(bad_rows.sum()),
-        violations=violations,
-        observed=f"row sums {_range_text(row_sum)}, min entry {float(da.min()):.6g}",
+        units=part.size(row_sum),
+        failing=part.count(bad_rows),
+        violations=part.violations(sums) + part.violations(negatives),
+        observed=f"row sums {part.range_text(row_sum)}, min entry {part.extreme(da, 'min'):.6g}",
         expected=f"rows sum to 1 +/- {tol:g}, entries >= 0",
-    )
+    ))
 
 
-def causal(da: xr.DataArray, params: dict) -> Evaluation:
+def causal(da: xr.DataArray, params: dict) -> Evaluated:
     mask = _mask_of(da)
     if mask["mask"] == "bidirectional":
         mask["mask"] = "block-causal"  # a bidirectional extraction is checked against the block-causal mask
@@ -319,14 +387,16 @@ def causal(da: xr.DataArray, params: dict) -> Evaluation:
             return f"key block {loc['key_frame'] // block_size} after query block {loc['query_frame'] // block_size}"
         return f"key frame {loc['key_frame']} evicted from the cache (neither sink nor window)"
 
-    return Evaluation(
+    found = _collect(bad, da, expected, note)
+    held = da.where(hidden & da.notnull())
+    return _evaluate(da, lambda part: Evaluation(
         unit="masked cells",
-        units=int(hidden.sum()),
-        failing=int(bad.sum()),
-        violations=_collect(bad, da, expected, note),
-        observed=f"{int(bad.sum())} masked cells hold a value; {da.name} there: {_range_text(da.where(hidden & da.notnull()))}",
+        units=part.count(hidden),
+        failing=part.count(bad),
+        violations=part.violations(found),
+        observed=f"{part.count(bad)} masked cells hold a value; {da.name} there: {part.range_text(held)}",
         expected=f"{described}: masked cells {expected}",
-    )
+    ))
 
 
 def _decay_profile(da: xr.DataArray, params: dict) -> xr.DataArray:
@@ -350,9 +420,10 @@ def _decay_profile(da: xr.DataArray, params: dict) -> xr.DataArray:
     return xr.concat(profile, dim="distance").assign_coords(distance=list(wanted))
 
 
-def temporal_decay(da: xr.DataArray, params: dict) -> Evaluation:
+def temporal_decay(da: xr.DataArray, params: dict) -> Evaluated:
     profile = _decay_profile(da, params)
-    if int(profile.notnull().any([d for d in profile.dims if d != "distance"]).sum()) < 2:
+    kept = [d for d in profile.dims if d not in ("distance", SAMPLE_DIM)]
+    if bool((profile.notnull().any(kept).sum("distance") < 2).any()):  # in any sample
         raise HarnessError("temporal_decay: fewer than two distances have visible cells (with exclude_first, "
                            "frame 0 is left out), so nothing can be compared; use more frames")
     tol = params["tol"]
@@ -361,38 +432,41 @@ def temporal_decay(da: xr.DataArray, params: dict) -> Evaluation:
     grows = (farther > nearer + tol).fillna(False)
     bad_heads = grows.any("distance")
     expected = f"value at distance d <= value at d-1 + {tol:g}"
-    violations = _collect(
+    found = _collect(
         grows, farther, lambda loc: f"<= {float(nearer.sel(loc)):.6g} + {tol:g} (distance {loc['distance'] - 1})"
     )
-    return Evaluation(
+    growth = farther - nearer
+    return _evaluate(da, lambda part: Evaluation(
         unit="heads",
-        units=int(bad_heads.size),
-        failing=int(bad_heads.sum()),
-        violations=violations,
-        observed=f"largest growth between neighbouring distances: {float((farther - nearer).max()):.6g}",
+        units=part.size(bad_heads),
+        failing=part.count(bad_heads),
+        violations=part.violations(found),
+        observed=f"largest growth between neighbouring distances: {part.extreme(growth, 'max'):.6g}",
         expected=expected + (", frame 0 excluded" if params["exclude_first"] else ""),
-    )
+    ))
 
 
-def sink_heads(da: xr.DataArray, params: dict) -> Evaluation:
+def sink_heads(da: xr.DataArray, params: dict) -> Evaluated:
     frames = _query_frames(da, params)
     threshold = params["threshold"]
     listed = set(params["expected"])
     missing = sorted(listed - set(int(h) for h in da["head"].values))
     if missing:
         raise HarnessError(f"sink_heads: expected heads {missing} are not among the checked heads")
-    sink = metrics.head_stats(_visible_only(da), frames)["sink"]
+    sink = _head_stats(_visible_only(da), frames)["sink"]
     is_listed = xr.DataArray([int(h) in listed for h in sink["head"].values], dims="head", coords={"head": sink["head"]})
     has_sink = sink > threshold
     lost = is_listed & ~has_sink
     gained = ~is_listed & has_sink if params["match"] == "equals" else xr.zeros_like(has_sink)
     bad = lost | gained
-    found = _ordered(has_sink)
-    by_step = []
-    for step in found["step"].values:
-        for layer in found["layer"].values:
-            heads = [int(h) for h in found["head"].values if bool(found.sel(step=step, layer=layer, head=h))]
-            by_step.append(f"step={int(step)} layer={int(layer)}: {heads}")
+    sinks = _ordered(has_sink)
+    steps, layers, heads = (sinks[dim].values for dim in ("step", "layer", "head"))
+
+    def by_step(part: _Part) -> str:
+        on = part.values(sinks)
+        return "; ".join(f"step={int(step)} layer={int(layer)}: {[int(h) for h, yes in zip(heads, on[i, j]) if yes]}"
+                         for i, step in enumerate(steps) for j, layer in enumerate(layers))
+
     relation = "equal" if params["match"] == "equals" else "contain"
     frames_text = _frames_text(frames)
 
@@ -401,17 +475,18 @@ def sink_heads(da: xr.DataArray, params: dict) -> Evaluation:
             return f"> {threshold:g} (listed sink head lost its sink)"
         return f"<= {threshold:g} (unlisted head gained a sink)"
 
-    return Evaluation(
+    found = _collect(bad, sink, expected, lambda loc: f"sink score over query_frames={frames_text}")
+    return _evaluate(da, lambda part: Evaluation(
         unit="heads",
-        units=int(sink.size),
-        failing=int(bad.sum()),
-        violations=_collect(bad, sink, expected, lambda loc: f"sink score over query_frames={frames_text}"),
-        observed="heads with sink > {:g}: {}".format(threshold, "; ".join(by_step)),
+        units=part.size(sink),
+        failing=part.count(bad),
+        violations=part.violations(found),
+        observed=f"heads with sink > {threshold:g}: {by_step(part)}",
         expected=f"sink heads {relation} {sorted(listed)} (sink > {threshold:g}, query_frames={frames_text})",
-    )
+    ))
 
 
-def head_types(da: xr.DataArray, params: dict, *, aligned_mass: xr.DataArray) -> Evaluation:
+def head_types(da: xr.DataArray, params: dict, *, aligned_mass: xr.DataArray) -> Evaluated:
     thresholds = {name: params[name] for name in metrics.HEAD_TYPE_THRESHOLDS}
     if not all(np.isfinite(value) for value in thresholds.values()):
         raise HarnessError(f"head_types: thresholds must be finite; got {thresholds}")
@@ -431,47 +506,49 @@ def head_types(da: xr.DataArray, params: dict, *, aligned_mass: xr.DataArray) ->
     listed = xr.DataArray([int(h) in expected_of for h in kinds["head"].values], dims="head", coords={"head": kinds["head"]})
     want = xr.DataArray([expected_of.get(int(h), "") for h in kinds["head"].values], dims="head", coords={"head": kinds["head"]})
     bad = listed & (kinds != want)
-    unit, units = "heads", int(kinds.size)
+    unit, counted = "heads", kinds
     parts = [f"types {dict(sorted(expected_of.items()))}"] if expected_of else []
     if params["stable_across"] == "steps":
         changes = (kinds != kinds.isel(step=0)).any("step")
         bad = bad.any("step") | changes
-        unit, units = "heads across steps", int(changes.size)
+        unit, counted = "heads across steps", changes
         parts.append("the same type at every step")
-    counts = {t: int((kinds == t).sum()) for t in metrics.HEAD_TYPES}
-    return Evaluation(
+    found = _collect(bad, xr.zeros_like(bad, dtype=float), lambda loc: " and ".join(parts), note)
+    typed = {t: kinds == t for t in metrics.HEAD_TYPES}
+    return _evaluate(da, lambda part: Evaluation(
         unit=unit,
-        units=units,
-        failing=int(bad.sum()),
-        violations=_collect(bad, xr.zeros_like(bad, dtype=float), lambda loc: " and ".join(parts), note),
-        observed="head types: " + ", ".join(f"{t} {n}" for t, n in counts.items()),
+        units=part.size(counted),
+        failing=part.count(bad),
+        violations=part.violations(found),
+        observed="head types: " + ", ".join(f"{t} {part.count(is_t)}" for t, is_t in typed.items()),
         expected=" and ".join(parts) + f" (thresholds {thresholds})",
-    )
+    ))
 
 
-def trend(da: xr.DataArray, params: dict) -> Evaluation:
+def trend(da: xr.DataArray, params: dict) -> Evaluated:
     if not np.isfinite(params["max_drop"]) or params["last"] < 2:
         raise HarnessError(f"trend: max_drop must be finite and last at least 2; got {params['max_drop']}, {params['last']}")
     frames = _query_frames(da, params)
     last = params["last"]
     history = da.isel(checkpoint=slice(-last, None))
-    sink = _ordered(metrics.sink_trend(_visible_only(history), frames))
-    peak = sink.max("checkpoint")
-    drop = peak - sink.isel(checkpoint=-1)
+    sink = _ordered(_head_stats(_visible_only(history), frames)["sink"])
+    peak, latest = sink.max("checkpoint"), sink.isel(checkpoint=-1)
+    drop = peak - latest
     bad = drop > params["max_drop"]
     steps = [int(s) for s in history["train_step"].values] if "train_step" in history.coords else []
     expected = f"sink falls by at most {params['max_drop']:g} from its peak over the last {last} checkpoints"
-    return Evaluation(
+    found = _collect(bad, drop, expected, lambda loc: f"peak {float(peak.sel(loc)):.4g}, now {float(latest.sel(loc)):.4g}")
+    return _evaluate(da, lambda part: Evaluation(
         unit="heads",
-        units=int(drop.size),
-        failing=int(bad.sum()),
-        violations=_collect(bad, drop, expected, lambda loc: f"peak {float(peak.sel(loc)):.4g}, now {float(sink.isel(checkpoint=-1).sel(loc)):.4g}"),
-        observed=f"largest fall {float(drop.max()):.4g} over train steps {steps}",
+        units=part.size(drop),
+        failing=part.count(bad),
+        violations=part.violations(found),
+        observed=f"largest fall {part.extreme(drop, 'max'):.4g} over train steps {steps}",
         expected=expected,
-    )
+    ))
 
 
-def text_share(da: xr.DataArray, params: dict) -> Evaluation:
+def text_share(da: xr.DataArray, params: dict) -> Evaluated:
     tokens = da["text_token"]
     if params["tokens"] is not None:
         chosen = xr.DataArray(np.isin(tokens.values, list(params["tokens"])), dims="text_token", coords={"text_token": tokens})
@@ -492,14 +569,15 @@ def text_share(da: xr.DataArray, params: dict) -> Evaluation:
         bad = bad | (share > params["max"])
         parts.append(f"<= {params['max']:g}")
     expected = f"share on {which} " + " and ".join(parts)
-    return Evaluation(
+    found = _collect(bad, share, expected)
+    return _evaluate(da, lambda part: Evaluation(
         unit="query rows",
-        units=int(share.size),
-        failing=int(bad.sum()),
-        violations=_collect(bad, share, expected),
-        observed=f"share on {which}: {_range_text(share)}",
+        units=part.size(share),
+        failing=part.count(bad),
+        violations=part.violations(found),
+        observed=f"share on {which}: {part.range_text(share)}",
         expected=expected,
-    )
+    ))
 
 
 QUERY_FRAMES = Param("frames", None, "query frames of the profile (default: the last block)")
@@ -743,6 +821,12 @@ def _over_samples(name: str, params: dict, per_sample: Sequence[Evaluation], lab
     return ev, ok, f"{name} on {params['metric']} over samples: {len(failing)} of {total} samples violate (lower bound {lower:.3f}, needs {params['mostly']:.0%})"
 
 
+def _positional(da: xr.DataArray) -> xr.DataArray:
+    """A population's arrays for one evaluation of all samples: ``sample`` numbered by position, as violations name
+    samples (their ``prompt`` and ``seed`` are in the samples' labels)."""
+    return da.drop_vars(list(SAMPLE_COORDS), errors="ignore").assign_coords({SAMPLE_DIM: np.arange(da.sizes[SAMPLE_DIM])})
+
+
 def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: int | None = None) -> CheckResult:
     """Evaluate property ``name`` on ``ds`` (one layer of it when ``layer`` is given)."""
     if name not in PROPERTIES:
@@ -765,10 +849,7 @@ def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: in
         ev = prop.fn(da, params, **extra)
         ok, head = _verdict(name, params, ev)
     else:
-        per_sample = [
-            prop.fn(da.isel({SAMPLE_DIM: i}, drop=True), params, **{k: v.isel({SAMPLE_DIM: i}, drop=True) for k, v in extra.items()})
-            for i in range(da.sizes[SAMPLE_DIM])
-        ]
+        per_sample = prop.fn(_positional(da), params, **{k: _positional(v) for k, v in extra.items()})
         labels = [f"sample={i} (prompt {str(p)!r}, seed {int(s)})" for i, (p, s) in
                   enumerate(zip(ds["prompt"].values, ds["seed"].values))]
         if params["over"] == "samples":
