@@ -4,9 +4,9 @@ xarray's ``h5netcdf`` backend reads each attribute and dimension through several
 takes ~100 ms for a 50 KB baseline with its ~40 provenance attrs; reading the same arrays
 and attrs with h5py takes a few milliseconds. The result equals ``xr.open_dataset(path,
 engine="h5netcdf").load()`` (``tests/test_h5read.py`` compares them on every kind of file
-the harness writes). Anything a plain reader could decode differently (CF scaling, time
-units, masked fill values, strings, groups, dimensions without a variable) returns ``None``
-and the caller reads the file with xarray.
+the harness writes), a population's UTF-8 ``prompt`` strings included. Anything a plain reader
+could decode differently (CF scaling, time units, masked fill values, other strings, groups,
+dimensions without a variable) returns ``None`` and the caller reads the file with xarray.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def read_plain(path: str | os.PathLike) -> xr.Dataset | None:
                     raise _NotPlain  # groups
                 dims, attrs = _variable_meta(handle, name, node)
                 coord_names.update(str(attrs.pop("coordinates", "")).split())
-                variables[name] = xr.Variable(dims, node[()], attrs)
+                variables[name] = xr.Variable(dims, _values(node), attrs)
             attrs = {key: _attr(value) for key, value in _raw_attrs(handle).items() if key not in HIDDEN_ATTRS}
     except (_NotPlain, OSError, KeyError, ValueError, TypeError):
         return None
@@ -60,7 +60,7 @@ def read_plain(path: str | os.PathLike) -> xr.Dataset | None:
 
 def _variable_meta(handle: h5py.File, name: str, node: h5py.Dataset) -> tuple[tuple[str, ...], dict]:
     """Dims and user attrs of one variable, or ``_NotPlain``."""
-    if node.dtype.kind not in "fiu":
+    if node.dtype.kind not in "fiu" and not _is_text(node):
         raise _NotPlain
     raw = _raw_attrs(node)
     if DECODED_ATTRS.intersection(raw) or raw.get("dtype") == "bool":  # xarray's boolean encoding
@@ -81,6 +81,19 @@ def _variable_meta(handle: h5py.File, name: str, node: h5py.Dataset) -> tuple[tu
             raise _NotPlain
     attrs = {key: _attr(value) for key, value in raw.items() if key not in HIDDEN_ATTRS and key != "_FillValue"}
     return dims, attrs
+
+
+def _is_text(node: h5py.Dataset) -> bool:
+    """Variable-length UTF-8 strings: how netCDF-4 stores a str variable (a population's prompts)."""
+    info = h5py.check_string_dtype(node.dtype)
+    return info is not None and info.encoding == "utf-8" and info.length is None
+
+
+def _values(node: h5py.Dataset) -> np.ndarray:
+    """The variable's data; strings as fixed-width unicode, as xarray decodes them (``astype(str)``)."""
+    if node.dtype.kind in "fiu":
+        return node[()]
+    return np.asarray(node.asstr()[()]).astype(str)
 
 
 def _raw_attrs(node: h5py.HLObject) -> dict:
