@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xarray as xr
 
 from attn_harness.core import store
 from attn_harness.pytest.baseline import check_baseline, compare, layer_slice, obtained_file
@@ -91,6 +92,15 @@ def test_check_baseline_writes_a_missing_baseline_and_fails(tmp_path, pytestconf
     assert path.is_file() and not obtained_file(path).exists()
     check_baseline(ds, path, DEFAULT_TOLERANCES, config=pytestconfig, regen_command="pytest x")
     assert not obtained_file(path).exists()
+
+
+def test_a_passing_baseline_is_read_once_and_handed_back(tmp_path, pytestconfig, monkeypatch):
+    path = store.write_dataset(layer_slice(make_ds(), 3), tmp_path / "layer3.nc")
+    reads = []
+    monkeypatch.setattr(store, "read_dataset", lambda p, read=store.read_dataset: reads.append(p) or read(p))
+    done = check_baseline(layer_slice(make_ds(), 3), path, DEFAULT_TOLERANCES, config=pytestconfig, regen_command="pytest x")
+    assert reads == [path]  # the plugin records the differences from done.data: no second read
+    xr.testing.assert_identical(done.data, store.read_dataset(path))
 
 
 def test_check_baseline_failure_leaves_obtained_file_and_says_how_to_regenerate(tmp_path, pytestconfig):

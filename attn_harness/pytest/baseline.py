@@ -25,7 +25,7 @@ that decides them is unchanged, and ``attn_harness.pytest.regen`` says how many 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +194,8 @@ class BaselineOutcome:
     tolerance: str
     action: str  # compared | kept | rewritten
     reason: str = ""
+    # the baseline's data as compared (not after a rewrite): the caller's report needs no second read of the file
+    data: xr.Dataset | None = field(default=None, compare=False, repr=False)
 
     def text(self) -> str:
         if self.action == "compared":
@@ -311,12 +313,13 @@ def _check_existing(obtained: xr.Dataset, path: Path, variant: Path, run_class: 
     if regen_all:
         changed = provenance_differences(expected, obtained, ("environment_class", *RELEVANT_PROVENANCE))
         if not lines and not changed and own_file == target:
-            return BaselineOutcome(target, tolerance_text(tol), "kept", f"values within {tolerance_text(tol)}, same provenance")
+            return BaselineOutcome(target, tolerance_text(tol), "kept", f"values within {tolerance_text(tol)}, same provenance",
+                                   data=expected)
         store.write_dataset(obtained, own_file)
         reason = _rewrite_reason(lines, changed, own_file, target)
         return BaselineOutcome(own_file, tolerance_text(tolerances), "rewritten", reason)
     if not lines:
-        return BaselineOutcome(target, f"{tolerance_text(tol)} ({kind})", "compared")
+        return BaselineOutcome(target, f"{tolerance_text(tol)} ({kind})", "compared", data=expected)
     if force_regen:
         store.write_dataset(obtained, own_file)
         pytest.fail(f"baseline {own_file} rewritten from this run ({run_class}); it differed from {target}:\n"

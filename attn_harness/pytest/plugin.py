@@ -482,16 +482,17 @@ class BaselineItem(_SpecItem):
         self.outcome.update(status="pass", message=done.text(), baseline_file=done.file)
         if done.action != "compared":
             self.user_properties.append((REGEN_PROPERTY, (done.action, _relative(done.file, self.config.rootpath), done.reason)))
-        self._record_differences(done.file, obtained)
+        self._record_differences(done.file, obtained, done.data)
         self.outcome["expected"] = done.tolerance  # the tolerance that applied, and which kind
 
-    def _record_differences(self, path: Path, obtained) -> None:
-        """Per variable: cells beyond tolerance, the largest differences and where (results.json)."""
+    def _record_differences(self, path: Path, obtained, expected=None) -> None:
+        """Per variable: cells beyond tolerance, the largest differences and where (results.json);
+        ``expected``: the baseline's data when the comparison already read it."""
         from attn_harness.core import store
         from attn_harness.pytest import baseline as baseline_mod
 
         try:
-            expected = store.read_dataset(path)
+            expected = store.read_dataset(path) if expected is None else expected
         except HarnessError:
             return  # the message already says the baseline cannot be read
         tolerances = self.spec.baseline.tolerances
