@@ -144,10 +144,13 @@ def _collect(
 ) -> list[Violation]:
     """One Violation per True cell of ``bad``, located by coordinate values (not positions), a population's ``sample`` first."""
     bad = _ordered(bad)
+    cells = np.argwhere(bad.values)
+    if not len(cells):
+        return []  # the usual case: no broadcasting of ``observed`` needed
     observed = observed.broadcast_like(bad).transpose(*bad.dims).values
     coords = [bad[dim].values for dim in bad.dims]
     found = []
-    for index in np.argwhere(bad.values):
+    for index in cells:
         location = {dim: int(values[i]) for dim, values, i in zip(bad.dims, coords, index)}
         found.append(
             Violation(
