@@ -156,6 +156,16 @@ def test_every_figure_is_an_embedded_png_that_decodes(report):
     assert "<svg" not in text  # PNG: the overview's SVG was mostly text, twice the bytes
 
 
+def test_the_extractions_a_run_holds_are_drawn_without_reading_their_files(tmp_path):
+    results = results_record(tmp_path)
+    dataset = results["specs"][0]["dataset"]
+    held = read_dataset(dataset)
+    Path(dataset).unlink()  # drawn from memory or not at all
+    page = Page(render_run_report(results, tmp_path / "out", {dataset: held}).read_text(encoding="utf-8"))
+    alts = [a["alt"] for a in page.find("img")]
+    assert len(alts) == 1 + 1 + 3 + 1 and alts[0] == OVERVIEW_ALT
+
+
 def test_no_external_url_anywhere(report):
     _, _, text, page = report
     for tag, attrs in page.tags:

@@ -633,7 +633,8 @@ def _write_outputs(session: pytest.Session) -> None:
         from attn_harness.report.html import render_run_report  # matplotlib: only when a report is wanted
 
         results.write(report_dir)
-        state.report_path = render_run_report(results, report_dir)
+        loaded = {str(path): ds for found in state.loaded.values() if not isinstance(found, HarnessError) for ds, path in [found]}
+        state.report_path = render_run_report(results, report_dir, loaded)
 
 
 def _version() -> str:

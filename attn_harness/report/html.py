@@ -67,10 +67,10 @@ def status_counts(checks: Sequence[CheckRecord]) -> dict[str, int]:
 
 
 class _Datasets:
-    """Reads each extraction or baseline file once; remembers why a file could not be read."""
+    """Reads each extraction or baseline file once (none that ``known`` holds); remembers why a file could not be read."""
 
-    def __init__(self) -> None:
-        self._cache: dict[str, xr.Dataset | str] = {}
+    def __init__(self, known: Mapping[str, xr.Dataset] | None = None) -> None:
+        self._cache: dict[str, xr.Dataset | str] = dict(known or {})
 
     def extraction(self, path: str | None) -> xr.Dataset | str:
         if not path:
@@ -292,15 +292,17 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
-def render_run_report(results: Results | Mapping, out_dir: Path | str) -> Path:
+def render_run_report(results: Results | Mapping, out_dir: Path | str,
+                      extractions: Mapping[str, xr.Dataset] | None = None) -> Path:
     """Write ``out_dir/index.html`` for one pytest run's results record; return its path.
 
     ``results`` is the record the pytest plugin writes (a :class:`Results` or its dict).
-    Extraction, baseline and obtained files named in it are read to draw figures; a file
-    that cannot be read is named in the report instead of failing it.
+    Extraction, baseline and obtained files named in it are read to draw figures, except
+    the extractions the run has in memory (``extractions``, by the path the record names); a
+    file that cannot be read is named in the report instead of failing it.
     """
     results = results if isinstance(results, Results) else Results.from_dict(results)
-    store = _Datasets()
+    store = _Datasets(extractions)
     specs = list(results.specs)
     known = {spec.spec for spec in specs}
     for check in results.checks:  # specs that never extracted (skipped, errored) still get a section
