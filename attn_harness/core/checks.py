@@ -417,10 +417,13 @@ def _decay_profile(da: xr.DataArray, params: dict) -> xr.DataArray:
             f"(this data has {da.sizes['key_frame']} latent frames, distances 0..{largest}); "
             "it needs more frames or a smaller min_distance"
         )
-    profile = [
-        da.where(distance == d).mean("key_frame", skipna=True).mean("query_frame", skipna=True) for d in wanted
-    ]
-    return xr.concat(profile, dim="distance").assign_coords(distance=list(wanted))
+    # every distance in one array, distance first: each distance's rows are reduced as that distance's alone would be
+    da = da.transpose(..., "query_frame", "key_frame")
+    near = distance.transpose("query_frame", "key_frame").values == np.asarray(wanted)[:, None, None]
+    near = near.reshape((len(wanted),) + (1,) * (da.ndim - 2) + near.shape[1:])
+    masked = np.where(near, da.values, np.asarray(np.nan, dtype=da.dtype))
+    stacked = xr.DataArray(masked, dims=("distance", *da.dims), coords={**da.coords, "distance": list(wanted)}, name=da.name)
+    return stacked.mean("key_frame", skipna=True).mean("query_frame", skipna=True)
 
 
 def temporal_decay(da: xr.DataArray, params: dict) -> Evaluated:
