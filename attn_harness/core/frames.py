@@ -188,12 +188,17 @@ def hidden_cells(data: xr.DataArray | xr.Dataset, mask: str, block_size: int, si
     """
     if "key_frame" not in data.coords:
         return xr.zeros_like(data["query_frame"], dtype=bool)
-    query, key = data["query_frame"], data["key_frame"]
+    query, key = data["query_frame"].values, data["key_frame"].values
+    coords = {"key_frame": data["key_frame"], "query_frame": data["query_frame"]}
+    # numpy on the frame values (an xarray op costs far more than these few cells); dims as xarray's broadcasting
+    # of ``key`` against ``query`` gives them, so arrays derived from the mask keep their layout
     if mask == "block-causal":
-        return (key // block_size) > (query // block_size)
-    if mask == "sink-window":
-        return ~_sink_window_visible(query, key, block_size, sink_frames, window_frames)
-    return xr.zeros_like(query * key, dtype=bool)
+        hidden = (key[:, None] // block_size) > (query[None, :] // block_size)
+    elif mask == "sink-window":
+        hidden = ~_sink_window_visible(query[None, :], key[:, None], block_size, sink_frames, window_frames)
+    else:
+        return xr.DataArray(np.zeros((query.size, key.size), dtype=bool), coords, ("query_frame", "key_frame"))
+    return xr.DataArray(hidden, coords, ("key_frame", "query_frame"))
 
 
 def _frame_dims(da: xr.DataArray, caller: str) -> list[str]:
