@@ -206,7 +206,7 @@ class _Part:
         ]
 
 
-def _evaluate(da: xr.DataArray, build: Callable[[_Part], Evaluation]) -> Evaluation | list[Evaluation]:
+def _evaluate(da: xr.DataArray, build: Callable[[_Part], Evaluation]) -> Evaluated:
     """``build`` the Evaluation of an extraction, or of each sample of a population (its ``sample`` coordinate
     is the sample's position: ``run_check`` sets it)."""
     if SAMPLE_DIM not in da.dims:
