@@ -293,56 +293,64 @@ def _logits_value_problems(
     logits: xr.DataArray, masked: xr.DataArray | None, params: dict | None, problems: list[str]
 ) -> None:
     """No inf anywhere; NaN exactly on the masked cells (skipped when the mask is unknown)."""
-    _report(problems, np.isinf(logits), "logits has inf at {where}")
-    nan = logits.isnull()
+    axes, x = _axes(logits), logits.values
+    _report(problems, axes, np.isinf(x), "logits has inf at {where}")
+    nan = np.isnan(x)
     if masked is None:
         return
     if params["mask"] == "bidirectional":
-        _report(problems, nan, "logits has NaN at {where} but mask is 'bidirectional'")
+        _report(problems, axes, nan, "logits has NaN at {where} but mask is 'bidirectional'")
         return
-    _report(problems, nan & ~masked, f"logits has NaN at {{where}}, a cell {_mask_text(params)} leaves visible")
+    hidden = masked.values
+    _report(problems, axes, nan & ~hidden, f"logits has NaN at {{where}}, a cell {_mask_text(params)} leaves visible")
     _report(
-        problems, ~nan & masked,
+        problems, axes, ~nan & hidden,
         f"logits has a value at {{where}}, a cell {_mask_text(params)} hides (masked cells must be NaN)",
     )
 
 
 def _text_mass_value_problems(text_mass: xr.DataArray, problems: list[str]) -> None:
     """Finite, within [0, 1], each query frame's mass over the text tokens summing to 1."""
-    finite = np.isfinite(text_mass)
-    _report(problems, ~finite, "text_mass is not finite at {where}")
-    _report(problems, finite & ((text_mass < 0) | (text_mass > 1 + MASS_RANGE_TOLERANCE)), "text_mass is outside [0, 1] at {where}")
-    row_sum = text_mass.astype(np.float64).sum("text_token", skipna=False)
-    _report(problems, np.abs(row_sum - 1) > MASS_ROW_TOLERANCE,
+    axes, x = _axes(text_mass), text_mass.values
+    finite = np.isfinite(x)
+    _report(problems, axes, ~finite, "text_mass is not finite at {where}")
+    _report(problems, axes, finite & ((x < 0) | (x > 1 + MASS_RANGE_TOLERANCE)), "text_mass is outside [0, 1] at {where}")
+    row_sum = x.astype(np.float64).sum(axis=-1)
+    _report(problems, axes[:-1], np.abs(row_sum - 1) > MASS_ROW_TOLERANCE,
             f"text_mass over the text tokens does not sum to 1 (within {MASS_ROW_TOLERANCE}) at {{where}}")
 
 
 def _mass_value_problems(mass: xr.DataArray, masked: xr.DataArray | None, problems: list[str]) -> None:
     """Finite, 0 where masked, within [0, 1]; ``mass`` rows (not ``aligned_mass``) sum to 1."""
-    name = mass.name
-    finite = np.isfinite(mass)
-    _report(problems, ~finite, f"{name} is not finite at {{where}}")
+    name, axes, x = mass.name, _axes(mass), mass.values
+    finite = np.isfinite(x)
+    _report(problems, axes, ~finite, f"{name} is not finite at {{where}}")
     if masked is not None:
-        _report(problems, finite & masked & (mass != 0), f"{name} is not 0 at masked cell {{where}}")
+        _report(problems, axes, finite & masked.values & (x != 0), f"{name} is not 0 at masked cell {{where}}")
     _report(
-        problems, finite & ((mass < 0) | (mass > 1 + MASS_RANGE_TOLERANCE)),
+        problems, axes, finite & ((x < 0) | (x > 1 + MASS_RANGE_TOLERANCE)),
         f"{name} is outside [0, 1] at {{where}}",
     )
     if name == "mass":
-        row_sum = mass.astype(np.float64).sum("key_frame", skipna=False)
+        row_sum = x.astype(np.float64).sum(axis=-1)
         _report(
-            problems, np.abs(row_sum - 1) > MASS_ROW_TOLERANCE,
+            problems, axes[:-1], np.abs(row_sum - 1) > MASS_ROW_TOLERANCE,
             f"mass row does not sum to 1 (within {MASS_ROW_TOLERANCE}) at {{where}}",
         )
 
 
-def _report(problems: list[str], bad: xr.DataArray, template: str) -> None:
+def _axes(da: xr.DataArray) -> list[tuple[str, np.ndarray]]:
+    """Each dim with its coordinate values, in order. The value checks run on numpy (elementwise, far cheaper than
+    xarray ops) on variables whose dims the contract fixes, frames last, so the (query, key) mask broadcasts."""
+    return [(dim, da[dim].values) for dim in da.dims]
+
+
+def _report(problems: list[str], axes: list[tuple[str, np.ndarray]], flags: np.ndarray, template: str) -> None:
     """Append ``template`` with the first bad cell (by coordinate value) and the count of bad cells."""
-    flags = bad.values
     count = int(np.count_nonzero(flags))
     if count == 0:
         return
     index = np.argwhere(flags)[0]
-    where = " ".join(f"{dim}={bad[dim].values[i]}" for dim, i in zip(bad.dims, index))
+    where = " ".join(f"{dim}={values[i]}" for (dim, values), i in zip(axes, index))
     extra = f" ({count} cells in all)" if count > 1 else ""
     problems.append(template.format(where=where) + extra)
