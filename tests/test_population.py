@@ -120,3 +120,32 @@ def test_over_samples_needs_a_population():
     with pytest.raises(HarnessError, match="over: samples needs a population"):
         run_check(one, "sink_heads", {"expected": [0], "over": "samples"})
     assert math.isfinite(wilson_lower_bound(0, 5, 0.95))
+
+
+def test_a_text_mass_population_holds_each_sample_s_cross_attention_and_content_tokens(tmp_path):
+    probe = Probe(prompts=PROMPTS, seeds=(0,), metrics=("logits", "text_mass"), **SHORT)
+    population = extract("tiny-trained", probe, progress=False)
+    assert population["text_mass"].dims == ("sample", "step", "layer", "head", "query_frame", "text_token")
+    assert population["text_content"].dims == ("sample", "text_token")
+    for index, prompt in enumerate(PROMPTS):
+        one = extract("tiny-trained", Probe(prompt=prompt, seed=probe.noise_seed(prompt, 0), metrics=("logits", "text_mass"), **SHORT),
+                      progress=False)
+        np.testing.assert_allclose(population["text_mass"].isel(sample=index).values, one["text_mass"].values, atol=1e-6)
+        np.testing.assert_array_equal(population["text_content"].isel(sample=index).values, one["text_content"].values)
+    back = read_dataset(write_dataset(population, tmp_path / "text.nc"))
+    np.testing.assert_array_equal(back["text_content"].values, population["text_content"].values)
+    assert run_check(population, "text_share", {"min": 0.99, "over": "samples", "mostly": 0.2}).status == "pass"
+
+
+def test_text_share_on_a_population_takes_each_sample_s_own_content_tokens():
+    # every query frame sends 1/3 of its text attention to each of tokens 0-2; the first prompt fills tokens 0-1, the second 0-2
+    attrs = {**{key: "unknown" for key in REQUIRED_ATTRS}, "mask": "bidirectional", "block_size": 3,
+             "prompt_embedding_fingerprint": "x", "created": "now"}
+    text = np.zeros((1, 1, 1, 2, 4), dtype=np.float32)
+    text[..., :3] = 1 / 3
+    datasets = [build_dataset({"logits": np.zeros((1, 1, 1, 2, 2), dtype=np.float32)}, steps=[0], timesteps=[999.0], layers=[0],
+                              attrs=attrs, text_mass=text, text_content=content) for content in ([1, 1, 0, 0], [1, 1, 1, 0])]
+    result = run_check(stack_samples(datasets, [("a short prompt", 0), ("a longer prompt", 0)]), "text_share",
+                       {"metric": "text_mass", "min": 0.9})
+    assert result.status == "fail"
+    assert {v.location["sample"] for v in result.violations} == {0}

@@ -110,10 +110,10 @@ class Probe:
             raise HarnessError(f"sample_batch must be at least 1; got {self.sample_batch}")
         if len(set(self.samples())) != len(self.samples()):
             raise HarnessError("prompts and seeds must not repeat: each (prompt, seed) sample appears once")
-        if self.is_population and (self.mode == "rollout" or self.prompt_embeds or self.denoising_timesteps or TEXT_METRIC in self.metrics):
+        if self.is_population and (self.mode == "rollout" or self.prompt_embeds or self.denoising_timesteps):
             raise HarnessError(
                 "prompts/seeds populations run teacher-forced with the UniPC sampler from prompt text "
-                "(no rollout, denoising_timesteps, prompt_embeds or text_mass)"
+                "(no rollout, denoising_timesteps or prompt_embeds)"
             )
 
     def as_dict(self) -> dict[str, Any]:

@@ -132,7 +132,8 @@ def extract_population(loaded: LoadedModel, probe: Probe, progress: bool | None 
     cost as much as the extraction itself.
     """
     setups = _sample_setups(loaded, probe)
-    parts: dict[Key, dict[str, list[torch.Tensor]]] = {}
+    frame_parts: dict[Key, dict[str, list[torch.Tensor]]] = {}
+    text_parts: dict[Key, list[torch.Tensor]] = {}
     for start in range(0, len(setups), probe.sample_batch):
         batch = setups[start : start + probe.sample_batch]
         recorder = Recorder(tokens_per_frame=batch[0].geo["tokens_per_frame"], metrics=tuple(probe.metrics),
@@ -144,16 +145,35 @@ def extract_population(loaded: LoadedModel, probe: Probe, progress: bool | None 
                 batch[0].layers, progress)
         for key, stats in recorder.records.items():
             for metric, value in stats.items():
-                parts.setdefault(key, {}).setdefault(metric, []).append(value)
-    records = {key: {metric: torch.cat(values) for metric, values in stats.items()} for key, stats in parts.items()}
-    template = _sample_dataset(setups[0], records, {}, steps, sampler.timesteps, index=0)
-    arrays = {
-        metric: np.stack([np.stack([records[(s, layer)][metric].numpy() for layer in setups[0].layers], axis=1) for s in steps],
-                         axis=1)
-        for metric in template.data_vars
-    }
+                frame_parts.setdefault(key, {}).setdefault(metric, []).append(value)
+        for key, value in recorder.text_records.items():
+            text_parts.setdefault(key, []).append(value)
+    records = {key: {metric: torch.cat(values) for metric, values in stats.items()} for key, stats in frame_parts.items()}
+    text_records = {key: torch.cat(values) for key, values in text_parts.items()}
+    template = _sample_dataset(setups[0], records, text_records, steps, sampler.timesteps, index=0)
+    layers = setups[0].layers
+    arrays = {metric: _stacked({key: stats[metric] for key, stats in records.items()}, steps, layers)
+              for metric in recorder.frame_metrics}
+    if text_records:
+        arrays[TEXT_METRIC] = _stacked(text_records, steps, layers)
     fingerprints = [setup.text.attrs()["prompt_embedding_fingerprint"] for setup in setups]
-    return population_dataset(template, arrays, probe.samples(), fingerprints)
+    return population_dataset(template, arrays, probe.samples(), fingerprints, _text_coords(setups, template))
+
+
+def _stacked(by_key: Mapping[Key, torch.Tensor], steps: Sequence[int], layers: Sequence[int]) -> np.ndarray:
+    """``(step, layer) -> [sample, ...]`` as one array ``[sample, step, layer, ...]``."""
+    return np.stack([np.stack([by_key[(s, layer)].numpy() for layer in layers], axis=1) for s in steps], axis=1)
+
+
+def _text_coords(setups: Sequence[RunSetup], template: xr.Dataset) -> dict[str, np.ndarray]:
+    """Each sample's ``text_content`` and ``text_token_string`` (they follow its prompt), ``[sample, text_token]``."""
+    if TEXT_METRIC not in template.data_vars:
+        return {}
+    branch = setups[0].probe.branch
+    coords = {"text_content": np.asarray([content_tokens(s.cond if branch == "cond" else s.uncond) for s in setups], dtype=np.int8)}
+    if "text_token_string" in template.coords:
+        coords["text_token_string"] = np.asarray([token_strings(s) for s in setups], dtype=str)
+    return coords
 
 
 def _sample_setups(loaded: LoadedModel, probe: Probe) -> list[RunSetup]:
@@ -173,15 +193,17 @@ SAMPLE_ATTRS = ("prompt", "seed", "prompt_embedding_fingerprint", "negative_prom
 
 
 def population_dataset(template: xr.Dataset, arrays: Mapping[str, np.ndarray], samples: Sequence[tuple[str, int]],
-                       fingerprints: Sequence[str]) -> xr.Dataset:
+                       fingerprints: Sequence[str], per_sample: Mapping[str, np.ndarray] | None = None) -> xr.Dataset:
     """One sample's dataset as ``template`` (coords, variable and run attrs) with ``arrays``, ``[sample, ...]``
-    per variable, as its data: a leading ``sample`` dim with ``prompt``/``seed`` coords, per-sample attrs as lists."""
+    per variable, as its data: a leading ``sample`` dim with ``prompt``/``seed`` coords, per-sample attrs as lists.
+    ``per_sample``: coords that differ between samples (the text tokens' ``text_content``), ``[sample, ...]``."""
     data_vars = {name: (("sample", *template[name].dims), arrays[name], template[name].attrs) for name in template.data_vars}
     coords = {
         "sample": np.arange(len(samples), dtype=np.int64),
         "prompt": ("sample", np.asarray([prompt for prompt, _ in samples], dtype=object)),
         "seed": ("sample", np.asarray([seed for _, seed in samples], dtype=np.int64)),
         **{name: coord.variable for name, coord in template.coords.items()},
+        **{name: (("sample", *template[name].dims), values) for name, values in (per_sample or {}).items()},
     }
     stacked = xr.Dataset(data_vars, coords=coords)
     stacked.attrs = {key: value for key, value in template.attrs.items() if key not in SAMPLE_ATTRS}
@@ -194,7 +216,13 @@ def population_dataset(template: xr.Dataset, arrays: Mapping[str, np.ndarray], s
     return stacked
 
 
+# Coords that follow a sample's prompt: stacked along ``sample`` when samples are.
+SAMPLE_COORD_NAMES = ("text_content", "text_token_string")
+
+
 def stack_samples(datasets: Sequence[xr.Dataset], samples: Sequence[tuple[str, int]]) -> xr.Dataset:
     """One dataset per (prompt, seed) -> one with a leading ``sample`` dim and ``prompt``/``seed`` coords."""
     arrays = {name: np.stack([ds[name].values for ds in datasets]) for name in datasets[0].data_vars}
-    return population_dataset(datasets[0], arrays, samples, [ds.attrs["prompt_embedding_fingerprint"] for ds in datasets])
+    per_sample = {name: np.stack([ds[name].values for ds in datasets]) for name in SAMPLE_COORD_NAMES if name in datasets[0].coords}
+    return population_dataset(datasets[0], arrays, samples, [ds.attrs["prompt_embedding_fingerprint"] for ds in datasets],
+                              per_sample)
