@@ -128,8 +128,8 @@ def test_a_text_mass_population_holds_each_sample_s_cross_attention_and_content_
     assert population["text_mass"].dims == ("sample", "step", "layer", "head", "query_frame", "text_token")
     assert population["text_content"].dims == ("sample", "text_token")
     for index, prompt in enumerate(PROMPTS):
-        one = extract("tiny-trained", Probe(prompt=prompt, seed=probe.noise_seed(prompt, 0), metrics=("logits", "text_mass"), **SHORT),
-                      progress=False)
+        single = Probe(prompt=prompt, seed=probe.noise_seed(prompt, 0), metrics=("logits", "text_mass"), **SHORT)
+        one = extract("tiny-trained", single, progress=False)
         np.testing.assert_allclose(population["text_mass"].isel(sample=index).values, one["text_mass"].values, atol=1e-6)
         np.testing.assert_array_equal(population["text_content"].isel(sample=index).values, one["text_content"].values)
     back = read_dataset(write_dataset(population, tmp_path / "text.nc"))

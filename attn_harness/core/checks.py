@@ -692,7 +692,8 @@ _register(Property(
     params={
         "expected": Param("type_map", None, "head index -> sink, spatial, temporal or mixed"),
         "stable_across": Param("choice", None, "every head keeps its type across these (samples: in every sample, "
-                               "or in at least mostly of them, by its lower Wilson bound with over: samples)", ("steps", "samples")),
+                               "or in at least mostly of them, by its lower Wilson bound with over: samples)",
+                               ("steps", "samples")),
         **{name: Param("number", value, f"share at which a head counts as {name}")
            for name, value in metrics.HEAD_TYPE_THRESHOLDS.items()},
     },

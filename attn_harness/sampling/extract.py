@@ -170,9 +170,10 @@ def _text_coords(setups: Sequence[RunSetup], template: xr.Dataset) -> dict[str, 
     if TEXT_METRIC not in template.data_vars:
         return {}
     branch = setups[0].probe.branch
-    coords = {"text_content": np.asarray([content_tokens(s.cond if branch == "cond" else s.uncond) for s in setups], dtype=np.int8)}
+    content = [content_tokens(setup.cond if branch == "cond" else setup.uncond) for setup in setups]
+    coords = {"text_content": np.asarray(content, dtype=np.int8)}
     if "text_token_string" in template.coords:
-        coords["text_token_string"] = np.asarray([token_strings(s) for s in setups], dtype=str)
+        coords["text_token_string"] = np.asarray([token_strings(setup) for setup in setups], dtype=str)
     return coords
 
 
@@ -223,6 +224,7 @@ SAMPLE_COORD_NAMES = ("text_content", "text_token_string")
 def stack_samples(datasets: Sequence[xr.Dataset], samples: Sequence[tuple[str, int]]) -> xr.Dataset:
     """One dataset per (prompt, seed) -> one with a leading ``sample`` dim and ``prompt``/``seed`` coords."""
     arrays = {name: np.stack([ds[name].values for ds in datasets]) for name in datasets[0].data_vars}
-    per_sample = {name: np.stack([ds[name].values for ds in datasets]) for name in SAMPLE_COORD_NAMES if name in datasets[0].coords}
+    per_sample = {name: np.stack([ds[name].values for ds in datasets])
+                  for name in SAMPLE_COORD_NAMES if name in datasets[0].coords}
     return population_dataset(datasets[0], arrays, samples, [ds.attrs["prompt_embedding_fingerprint"] for ds in datasets],
                               per_sample)
