@@ -14,14 +14,16 @@ in docs/design.md):
 - ``head_stats`` / ``layer_summary`` / ``default_query_frames``: the seed's per-head statistics
 
 The ``ds.attn`` xarray accessor (``attn_harness.accessor``) is registered on import when xarray is
-already loaded, else on first use of any name below (or ``import attn_harness.accessor``); names are
-imported on first use, so ``import attn_harness`` imports neither torch nor xarray.
+already loaded, else right after xarray is imported; names are imported on first use, so
+``import attn_harness`` imports neither torch nor xarray.
 ``attn_harness.testing`` has ``assert_property`` and ``assert_baseline`` for pytest functions.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -29,15 +31,45 @@ __version__ = "0.1.0"
 
 
 
-def _register_accessor() -> None:
-    """Register ``ds.attn`` (``attn_harness.accessor``), which imports xarray."""
-    importlib.import_module("attn_harness.accessor")
+def _attn(ds: Any) -> Any:
+    """``ds.attn``: an ``attn_harness.accessor.AttnAccessor`` (the module is imported on first use)."""
+    from attn_harness.accessor import AttnAccessor
+
+    return AttnAccessor(ds)
 
 
-# ds.attn: registered now if xarray is already loaded (free), else on first use of the API below,
-# so that importing a module of the package (the pytest plugin, the torch-free core) stays cheap.
+def _register_accessor(xr: Any) -> None:
+    """Register ``ds.attn`` on xarray's Dataset (once); imports nothing of the harness."""
+    if "attn" not in xr.Dataset.__dict__:
+        xr.register_dataset_accessor("attn")(_attn)
+
+
+class _AfterXarrayImport(importlib.abc.MetaPathFinder):
+    """Registers ``ds.attn`` right after xarray's own import, wherever that happens: the pytest
+    plugin imports this package before any test file imports xarray."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "xarray":
+            return None
+        sys.meta_path.remove(self)  # once; the search below finds the real module
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            run_module = spec.loader.exec_module
+
+            def exec_module(module: Any) -> None:
+                run_module(module)
+                _register_accessor(module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+# ds.attn: registered now if xarray is already loaded, else as soon as xarray is imported, so that
+# importing a module of the package (the pytest plugin, the torch-free core) stays cheap.
 if "xarray" in sys.modules:
-    _register_accessor()
+    _register_accessor(sys.modules["xarray"])
+elif not any(isinstance(finder, _AfterXarrayImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _AfterXarrayImport())
 
 # public name -> the module that defines it (imported on first attribute access)
 _EXPORTS: dict[str, str] = {
@@ -102,7 +134,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'attn_harness' has no attribute {name!r}")
-    _register_accessor()
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -1,6 +1,6 @@
 """The ``ds.attn`` accessor: the seed notebook's statistics, figures and checks on any extraction.
 
-Registered on ``import attn_harness``. Everything here works on the Dataset of the data
+Registered by ``import attn_harness`` (on xarray, which this module imports on first use of ``ds.attn``). Everything here works on the Dataset of the data
 contract (docs/design.md, "Data contract") and stays torch-free, so a notebook that only reads
 ``.nc`` files never loads torch::
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 Step = int | str | None
 
 
-@xr.register_dataset_accessor("attn")
 class AttnAccessor:
     """``ds.attn``: per-head statistics, the seed's table and figures, and property checks."""
 

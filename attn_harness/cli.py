@@ -7,109 +7,105 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 from attn_harness import __version__
 from attn_harness.cli_drift import add_drift
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.probe import DTYPES, MASKS, MODES, Probe
+from attn_harness.core.probe import PROBE_FIELDS, Probe, ProbeError
 from attn_harness.core.schema import LEGACY_MASKS
 from attn_harness.report.settings import DEFAULT_TOP, FLIP_MARGIN, SINK_HEAD_THRESHOLD
+from attn_harness.core.vocabulary import DEFAULT_STEP, REQUIRED, FieldError, parse_layers, parse_step, step_index
+
+EMBEDDED_NAMES = "tiny-random, tiny-trained, tiny-trained-causal"  # attn_harness.model.models.EMBEDDED
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default (where it has one worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default:" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if action.required or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def parse_int_list(text: str) -> list[int]:
-    """``"0-3,5"`` -> ``[0, 1, 2, 3, 5]`` (non-negative integers and inclusive ranges)."""
-    values: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not match:
-            raise HarnessError(f"{text!r} is not a list of integers or ranges like 0-3,5")
-        lo, hi = int(match[1]), int(match[2] or match[1])
-        values.extend(range(lo, hi + 1))
-    if not values:
-        raise HarnessError(f"{text!r} names no integers")
-    return values
+    """``"0-3,5"`` -> ``[0, 1, 2, 3, 5]``: the one layer-list parser (reversed ranges refused, duplicates dropped)."""
+    try:
+        found = parse_layers(text)
+    except ValueError as err:
+        raise HarnessError(f"{text!r} is not a list of integers or ranges like 0-3,5: {err}") from None
+    if found == "all":
+        raise HarnessError(f"{text!r}: give integers or ranges like 0-3,5 here, not 'all'")
+    return list(found)
 
 
 def _layers(text: str) -> str | tuple[int, ...]:
-    return "all" if text == "all" else tuple(parse_int_list(text))
-
-
-def _steps(text: str) -> tuple[int | str, ...]:
-    items: list[int | str] = []
-    for part in text.split(","):
-        part = part.strip()
-        items.extend([part] if part in ("first", "mid", "last") else parse_int_list(part))
-    return tuple(items)
-
-
-def _metrics(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _timesteps(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated timestep values such as 1000,750,500,250; got {text!r}") from None
+        return parse_layers(text)
+    except ValueError as err:
+        raise HarnessError(f"--layers {text!r} is not a list of integers or ranges like 0-3,5: {err}") from None
+
+
+def _step(text: str) -> int | str:
+    try:
+        return parse_step(text)
+    except ValueError as err:
+        raise HarnessError(f"--step: {err}") from None
 
 
 def _query_frames(text: str) -> str | list[int]:
     return "last-block" if text == "last-block" else parse_int_list(text)
 
 
-def _add_probe_arguments(p: argparse.ArgumentParser, *, single_run: bool = True) -> None:
-    """The probe's flags (``Probe`` fields); ``single_run=False`` leaves out --prompt and --seed,
-    which a sweep takes as lists."""
-    defaults = Probe()
-    p.add_argument(
-        "--mode",
-        choices=MODES,
-        default=Probe().mode,
-        help="teacher-forced: whole clip per step; rollout: block by block with a KV cache (needs --mask block-causal "
-        "or sink-window)",
-    )
-    p.add_argument("--layers", default="all", type=_layers, help="blocks to capture: all, or e.g. 0-3,5")
-    p.add_argument("--steps", default="first,mid,last", type=_steps, help="denoising steps to capture: first,mid,last or indices")
-    p.add_argument("--metrics", default="logits,mass", type=_metrics, help="logits, plus mass, aligned_mass and/or text_mass")
-    p.add_argument("--capture-timesteps", default=(), type=_timesteps,
-                   help="capture the steps nearest these timestep values (e.g. 999,500) instead of --steps")
-    p.add_argument("--frames", type=int, default=None, help="pixel frames, 1 + 4k (default: the model's)")
-    p.add_argument("--height", type=int, default=None, help="pixel height, a multiple of 16 (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="pixel width, a multiple of 16 (default: the model's)")
-    p.add_argument("--sample-steps", type=int, default=defaults.sample_steps, help="denoising steps in the run")
-    if single_run:
-        p.add_argument("--seed", type=int, default=defaults.seed, help="noise seed")
-        p.add_argument("--prompt", default=defaults.prompt, help="text prompt")
-        p.add_argument("--prompts", dest="population_prompts", type=Path, default=None, metavar="FILE",
-                       help="text file, one prompt a line: a population over prompts (dataset dim 'sample')")
-        p.add_argument("--seeds", dest="population_seeds", type=lambda text: tuple(parse_int_list(text)), default=(),
-                       help="noise seeds, e.g. 0,1,2 or 0-7: a population over seeds (dataset dim 'sample')")
-        p.add_argument("--sample-batch", type=int, default=defaults.sample_batch,
-                       help="samples per batched run of a population")
-    p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt for CFG")
-    p.add_argument("--guidance", type=float, default=defaults.guidance, help="CFG scale (<= 1 disables the unconditional pass)")
-    p.add_argument("--shift", type=float, default=defaults.shift, help="flow shift of the scheduler")
-    p.add_argument("--mask", choices=MASKS, default=defaults.mask, help="self-attention mask the model runs under")
-    p.add_argument("--block-size", type=int, default=defaults.block_size, help="latent frames per block (block-causal, sink-window)")
-    p.add_argument("--sink-frames", type=int, default=defaults.sink_frames, help="sink-window: first frames every block sees")
-    p.add_argument("--window-frames", type=int, default=defaults.window_frames,
-                   help="sink-window: frames just before its block that a block sees")
-    p.add_argument("--denoising-timesteps", default=None, type=_timesteps,
-                   help="few-step sampler of distilled models, e.g. 1000,750,500,250 (replaces --sample-steps)")
-    p.add_argument("--no-warp-timesteps", action="store_true", help="use --denoising-timesteps as given, not shifted")
-    p.add_argument("--branch", choices=("cond", "uncond"), default=defaults.branch, help="CFG branch to capture")
-    p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="model dtype (statistics are always float32)")
-    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
+def _flag(key: str) -> str:
+    return PROBE_FIELDS[key].flag or "--" + key.replace("_", "-")
 
 
-def _read_prompts(path: Path) -> tuple[str, ...]:
+def _refuse_overwrite(out: Path, inputs: Sequence[str | os.PathLike | None], option: str = "--out") -> None:
+    """An output must never replace an input of the same command."""
+    for given in inputs:
+        if given is None or not Path(given).exists() or not out.exists():
+            continue
+        if os.path.samefile(out, given):
+            raise HarnessError(f"{option} {out} is an input of this command ({given}); write to another file")
+
+
+SWEPT_KEYS = ("prompt", "seed", "prompts", "seeds", "sample_batch")  # a sweep takes prompts and seeds as its own lists
+
+
+def _add_probe_arguments(p: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:
+    """One flag per probe field of the vocabulary (``PROBE_FIELDS``), with its meaning, choices
+    and default; a spec's ``probe:`` key and the flag take the same values."""
+    p.add_argument("--layers", default="all", help="blocks to capture: all, or e.g. 0-3,5")
+    for key, field_ in PROBE_FIELDS.items():
+        if key in exclude:
+            continue
+        if field_.kind == "bool" and field_.default is True:  # a switch that turns it off
+            p.add_argument("--no-" + key.replace("_", "-"), dest=f"probe_{key}", action="store_const", const="false",
+                           default=None, help=f"do not {field_.doc}")
+            continue
+        shown = ",".join(str(v) for v in field_.default) if isinstance(field_.default, tuple) else field_.default_text()
+        default = "" if field_.default in (REQUIRED, ()) or "default:" in field_.doc else f" (default: {shown})"
+        choices = f"; one of {', '.join(field_.choices)}" if field_.choices else ""
+        metavar = "FILE" if key in FILE_KEYS else key.upper()
+        p.add_argument(_flag(key), dest=f"probe_{key}", default=None, metavar=metavar, help=f"{field_.doc}{choices}{default}")
+
+
+FILE_KEYS = ("prompts", "prompt_embeds")  # flags that name a file
+
+
+def _read_prompts(path: str) -> list[str]:
     try:
-        prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
         raise HarnessError(f"--prompts {path}: cannot read it ({err})") from None
     if not prompts:
@@ -117,38 +113,35 @@ def _read_prompts(path: Path) -> tuple[str, ...]:
     return prompts
 
 
-def _probe_from_args(args: argparse.Namespace) -> Probe:
-    """The ``Probe`` the flags of ``_add_probe_arguments`` describe (prompt and seed: defaults when absent)."""
-    defaults = Probe()
-    return Probe(
-        prompt=getattr(args, "prompt", defaults.prompt),
-        prompts=_read_prompts(args.population_prompts) if getattr(args, "population_prompts", None) else (),
-        seeds=getattr(args, "population_seeds", ()),
-        sample_batch=getattr(args, "sample_batch", defaults.sample_batch),
-        negative_prompt=args.negative_prompt,
-        seed=getattr(args, "seed", defaults.seed),
-        num_frames=args.frames,
-        height=args.height,
-        width=args.width,
-        sample_steps=args.sample_steps,
-        capture_steps=args.steps,
-        layers=args.layers,
-        metrics=args.metrics,
-        guidance=args.guidance,
-        shift=args.shift,
-        mask=args.mask,
-        block_size=args.block_size,
-        dtype=args.dtype,
-        device=args.device,
-        branch=args.branch,
-        prompt_embeds=getattr(args, "prompt_embeds", None),
-        mode=args.mode,
-        sink_frames=args.sink_frames,
-        window_frames=args.window_frames,
-        denoising_timesteps=args.denoising_timesteps,
-        warp_timesteps=not args.no_warp_timesteps,
-        capture_timesteps=args.capture_timesteps,
-    )
+def probe_from_args(args: argparse.Namespace) -> Probe:
+    """The probe the flags describe, validated by the vocabulary (the flag is named on error)."""
+    values = {}
+    for key, field_ in PROBE_FIELDS.items():
+        text = getattr(args, f"probe_{key}", None)
+        if text is None:
+            continue
+        try:
+            values[key] = field_.coerce(_read_prompts(text) if key == "prompts" else field_.parse_text(text), key)
+        except FieldError as err:
+            raise HarnessError(f"{_flag(key)} {text!r}: {err.message}") from None
+    try:
+        return Probe.from_keys(values, layers=_layers(args.layers))
+    except ProbeError as err:
+        flag = _flag(err.key) if err.key in PROBE_FIELDS else f"--{err.key}"
+        raise HarnessError(f"{flag}: {str(err).split(': ', 1)[1]}") from None
+
+
+def _field_arg(key: str):
+    """An argparse ``type`` that reads one probe field's value from its flag text."""
+    field_ = PROBE_FIELDS[key]
+
+    def convert(text: str) -> Any:
+        try:
+            return list(field_.coerce(field_.parse_text(text), key))
+        except FieldError as err:
+            raise argparse.ArgumentTypeError(err.message) from None
+
+    return convert
 
 
 def _add_extract(sub) -> None:
@@ -156,21 +149,18 @@ def _add_extract(sub) -> None:
         "extract",
         help="run the sampler with capture and write a NetCDF extraction",
         description="Sample from a model with attention capture hooks and write frame x frame "
-        "statistics (logits, mass) per step, layer and head to a NetCDF file.",
+        "statistics (logits, mass) per step, layer and head to a NetCDF file. Every probe option "
+        "takes the values a spec's probe: key takes (specs/README.md). --prompts and/or --seeds "
+        "make a population: the dataset gains a dim 'sample' with coordinates prompt and seed.",
+        formatter_class=_Formatter,
     )
     p.add_argument(
         "--model",
-        default="tiny-random",
-        help="embedded model name (tiny-random), a model dir (diffusers pipeline or transformer, original Wan), "
-        "or a training checkpoint file (.pt/.safetensors)",
+        required=True,
+        help=f"embedded model name ({EMBEDDED_NAMES}), a model dir (diffusers pipeline or transformer, "
+        "original Wan), or a training checkpoint file (.pt/.safetensors)",
     )
     p.add_argument("--base-model", default=None, help="model dir giving a training checkpoint its architecture and text encoder")
-    p.add_argument(
-        "--prompt-embeds",
-        default=None,
-        help="text embeddings file (.pt tensor [1, tokens, text_dim], or dict/.safetensors with prompt_embeds "
-        "and negative_prompt_embeds); replaces the text encoder",
-    )
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write (.nc)")
     _add_probe_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -181,7 +171,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from attn_harness.sampling.extract import extract
     from attn_harness.core.store import write_dataset
 
-    probe = _probe_from_args(args)
+    probe = probe_from_args(args)
+    _refuse_overwrite(args.out, [args.model, args.base_model, probe.prompt_embeds])
     start = time.perf_counter()
     ds = extract(args.model, probe, progress=None if not args.no_progress else False, base_model=args.base_model)
     path = write_dataset(ds, args.out)
@@ -204,7 +195,7 @@ def _add_sweep(sub) -> None:
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompts", nargs="+", metavar="TEXT", help="text prompts (default: the probe's one prompt)")
     prompts.add_argument("--prompts-from", type=Path, metavar="FILE", help="a file of prompts, one a line")
-    p.add_argument("--seeds", type=parse_int_list, default=[Probe().seed], help="noise seeds, e.g. 0-3,7 (default 0)")
+    p.add_argument("--seeds", type=_field_arg("seeds"), default=[Probe().seed], help="noise seeds, e.g. 0-3,7 (default 0)")
     p.add_argument("--base-model", default=None, help="model dir giving training checkpoints their architecture and text encoder")
     p.add_argument("--out", type=Path, required=True, help="sweep directory: parts/, sweep.log, sweep.nc, report.html")
     p.add_argument("--scheduler", default="local:1", help="local:N (a cluster of N workers here; one per GPU on CUDA) or a scheduler address")
@@ -214,7 +205,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--report", type=Path, default=None, help="HTML report across checkpoints (default: OUT/report.html)")
     p.add_argument("--no-report", action="store_true", help="do not write the report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_probe_arguments(p, single_run=False)
+    _add_probe_arguments(p, exclude=SWEPT_KEYS)
     p.set_defaults(func=cmd_sweep)
 
 
@@ -227,7 +218,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     prompts = args.prompts or (read_list(args.prompts_from, resolve_paths=False) if args.prompts_from else [Probe().prompt])
     start = time.perf_counter()
     ds = sweep(
-        models, prompts, args.seeds, _probe_from_args(args), out=args.out, scheduler=args.scheduler,
+        models, prompts, args.seeds, probe_from_args(args), out=args.out, scheduler=args.scheduler,
         base_model=args.base_model, retries=args.retries, threads=args.threads, resources=parse_resources(args.resources),
         progress=False if args.no_progress else None,
     )
@@ -246,10 +237,11 @@ def _add_import_legacy(sub) -> None:
         help="convert a seed-notebook .pt file to NetCDF",
         description="Import a .pt file written by the seed notebook's extractor (full_frame_attention "
         "[heads, T, T]); block-causal files are detected by zeros above the block diagonal.",
+        formatter_class=_Formatter,
     )
     p.add_argument("file", type=Path, help="the legacy .pt file")
     p.add_argument("--out", required=True, type=Path, help="NetCDF file to write")
-    p.add_argument("--mask", choices=("auto",) + LEGACY_MASKS, default="auto", help="mask of the file (default: detect)")
+    p.add_argument("--mask", choices=("auto",) + LEGACY_MASKS, default="auto", help="mask of the file (auto: detect)")
     p.set_defaults(func=cmd_import_legacy)
 
 
@@ -257,6 +249,7 @@ def cmd_import_legacy(args: argparse.Namespace) -> int:
     from attn_harness.model.legacy import import_legacy
     from attn_harness.core.store import write_dataset
 
+    _refuse_overwrite(args.out, [args.file])
     ds = import_legacy(args.file, mask=args.mask)
     path = write_dataset(ds, args.out)
     print(
@@ -266,42 +259,57 @@ def cmd_import_legacy(args: argparse.Namespace) -> int:
     return 0
 
 
+STEP_HELP = ("denoising step: first (0), mid (sample_steps // 2), last (sample_steps - 1) or an index; "
+             "it must be a captured step")
+
+
 def _add_stats(sub) -> None:
     p = sub.add_parser(
         "stats",
         help="print the seed notebook's statistics for one layer",
         description="Diagonal mean, first-frame mean and per-head first / mid / last / sink "
         "(sink = first - mid) of one layer's logits, in latent frames.",
+        formatter_class=_Formatter,
     )
     p.add_argument("file", type=Path, help="a NetCDF extraction")
     p.add_argument("--layer", type=int, required=True, help="block index")
-    p.add_argument("--step", type=int, default=None, help="denoising step index (default: the first captured)")
-    p.add_argument("--query-frames", type=_query_frames, default="last-block", help="e.g. 18,19,20, or last-block")
+    p.add_argument("--step", type=_step_arg, default=DEFAULT_STEP, help=STEP_HELP)
+    p.add_argument("--query-frames", type=str, default="last-block", help="e.g. 18,19,20, or last-block")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_stats)
 
 
-def select_layer(ds, layer: int, step: int | None, variable: str = "logits"):
-    """The seed's single-layer view (head, query_frame, key_frame), with clear errors."""
+def _step_arg(text: str) -> str:
+    return text  # validated by the command (one error line, exit 2), not by argparse
+
+
+def select_layer(ds, layer: int, step: int | str | None = DEFAULT_STEP, variable: str = "logits"):
+    """The seed's single-layer view (head, query_frame, key_frame) and the step it shows, with clear errors.
+
+    ``step`` is ``first``, ``mid``, ``last`` or an index (``attn_harness.core.vocabulary.step_index``).
+    """
     layers = [int(v) for v in ds["layer"].values]
     steps = [int(v) for v in ds["step"].values]
     if layer not in layers:
         raise HarnessError(f"layer {layer} is not in this extraction; it has layers {layers}")
-    step = steps[0] if step is None else step
-    if step not in steps:
-        raise HarnessError(f"step {step} is not in this extraction; it has steps {steps}")
+    selector = DEFAULT_STEP if step is None else _step(step) if isinstance(step, str) else step
+    chosen = step_index(selector, steps, ds.attrs.get("sample_steps"))
+    if chosen not in steps:
+        named = f" ({selector})" if isinstance(selector, str) else ""
+        raise HarnessError(f"step {chosen}{named} is not in this extraction; it has steps {steps}")
     if variable not in ds:
         raise HarnessError(f"variable {variable!r} is not in this extraction; it has {list(ds.data_vars)}")
-    return ds[variable].sel(step=step, layer=layer), step
+    return ds[variable].sel(step=chosen, layer=layer), chosen
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from attn_harness.core.metrics import default_query_frames, layer_summary
     from attn_harness.core.store import read_dataset
 
+    query_frames = _query_frames(args.query_frames)
     ds = read_dataset(args.file)
     da, step = select_layer(ds, args.layer, args.step)
-    query_frames = default_query_frames(ds) if args.query_frames == "last-block" else args.query_frames
+    query_frames = default_query_frames(ds) if query_frames == "last-block" else query_frames
     summary = layer_summary(da, query_frames)
     if args.json:
         print(json.dumps({"layer": args.layer, "step": step, **summary}))
@@ -327,10 +335,11 @@ def _add_plot(sub) -> None:
         description="Head grid (query x key frame) per metric, per-head bars of the query block "
         "with sink scores, the statistics table, the evolution across steps and the layer x head "
         "overview, as SVG (editable text) and PNG.",
+        formatter_class=_Formatter,
     )
     p.add_argument("file", type=Path, help="a NetCDF extraction")
     p.add_argument("--layer", type=int, required=True, help="block index")
-    p.add_argument("--step", type=int, default=None, help="denoising step index (default: the last captured)")
+    p.add_argument("--step", type=_step_arg, default=DEFAULT_STEP, help=STEP_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for the figures")
     p.add_argument("--pixel-frames", action="store_true", help="draw in pixel frames (causal-VAE mapping)")
     p.set_defaults(func=cmd_plot)
@@ -340,9 +349,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from attn_harness.report.figures import plot_layer
     from attn_harness.core.store import read_dataset
 
+    if args.out.exists() and not args.out.is_dir():
+        raise HarnessError(f"--out {args.out} is a file; give a directory for the figures")
     ds = read_dataset(args.file)
-    select_layer(ds, args.layer, args.step)
-    for path in plot_layer(ds, args.layer, args.step, args.out, pixel_frames=args.pixel_frames):
+    _, step = select_layer(ds, args.layer, args.step)
+    for path in plot_layer(ds, args.layer, step, args.out, pixel_frames=args.pixel_frames):
         print(path)
     return 0
 
@@ -355,15 +366,16 @@ def _add_compare(sub) -> None:
         "mean |B - A| per layer x head, the layers ranked by it, flips beyond a noise margin (sink sign, "
         "sink-head membership, diagonal dominance), per-head deltas of every layer, and A, B and B - A "
         "head grids for the top layers (values under the pointer, click to enlarge).",
+        formatter_class=_Formatter,
     )
     p.add_argument("a", type=Path, help="first extraction (.nc)")
     p.add_argument("b", type=Path, help="second extraction (.nc)")
     p.add_argument("--out", type=Path, default=Path("reports/compare.html"), help="HTML file to write")
     p.add_argument("--labels", default="A,B", help="two labels, comma-separated, e.g. base,distilled")
-    p.add_argument("--layers", type=parse_int_list, default=None, help="layers to compare (default: all shared)")
+    p.add_argument("--layers", default=None, help="layers to compare, e.g. 0-3,5 (default: all shared)")
     p.add_argument("--metric", choices=("logits", "mass"), default="logits", help="variable to compare")
-    p.add_argument("--step", default="last",
-                   help="first, mid, last or a step of A: the step of the ranking, flips and grids (paired by position)")
+    p.add_argument("--step", type=_step_arg, default=DEFAULT_STEP, help=STEP_HELP + " (of A): the step of the "
+                   "ranking, flips and grids (paired by position)")
     p.add_argument("--steps", type=_step_pair, default=None, metavar="A_STEP,B_STEP",
                    help="compare one step of each side (first, mid, last or a captured step), e.g. last,0")
     p.add_argument("--top", type=_top, default=DEFAULT_TOP, metavar="K|all",
@@ -398,13 +410,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     labels = tuple(part.strip() for part in args.labels.split(","))
     if len(labels) != 2 or not all(labels):
         raise HarnessError(f"--labels needs two comma-separated names like base,distilled; got {args.labels!r}")
-    step = int(args.step) if args.step.isdigit() else args.step
+    layers = parse_int_list(args.layers) if args.layers is not None else None
+    selector = _step(args.step)
+    _refuse_overwrite(args.out, [args.a, args.b])
+    a = read_dataset(args.a)
+    steps = [int(v) for v in a["step"].values]
+    step = step_index(selector, steps, a.attrs.get("sample_steps"))
     out = render_compare(
-        read_dataset(args.a),
+        a,
         read_dataset(args.b),
         args.out,
         labels=labels,
-        layers=args.layers,
+        layers=layers,
         metric=args.metric,
         step=step,
         sources=(str(args.a), str(args.b)),
@@ -421,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attn-harness",
         description="Attention regression harness for video diffusion transformers (Wan2.1 family).",
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -435,12 +453,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every user-facing failure is one line on stderr and exit code 2."""
+    from attn_harness.core.atomic import describe_os_error
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except HarnessError as err:
         print(f"attn-harness: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `attn-harness stats ... | head`: the reader has all it wants
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as err:
+        print(f"attn-harness: error: {describe_os_error(err, err.filename or 'a file', 'access')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("attn-harness: interrupted", file=sys.stderr)

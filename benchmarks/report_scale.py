@@ -32,6 +32,7 @@ from attn_harness.core.results import CheckRecord, Results, RunInfo, SpecInfo
 from attn_harness.core.schema import REQUIRED_ATTRS, build_dataset
 from attn_harness.core.store import read_dataset, write_dataset
 from attn_harness.report.html import render_compare, render_run_report
+from attn_harness.report.settings import DEFAULT_TOP
 
 GEOMETRY = {"steps": 3, "layers": 30, "heads": 12, "frames": 21}
 
@@ -100,7 +101,7 @@ def main() -> None:
 
         records = [
             measure("read-both", lambda: (read_dataset(a_path), read_dataset(b_path)) and None, args.reps),
-            measure("compare/top-default", lambda: compare(5), args.reps),
+            measure("compare/top-default", lambda: compare(DEFAULT_TOP), args.reps),
             measure("compare/top-all", lambda: compare(None), args.reps),
             measure("run-report/6-failing", lambda: render_run_report(results, work / "report"), args.reps),
         ]

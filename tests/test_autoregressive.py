@@ -70,7 +70,8 @@ def test_probe_validates_the_new_fields():
     with pytest.raises(HarnessError, match="sink-window only"):
         Probe(mask="block-causal", sink_frames=3)
     with pytest.raises(HarnessError, match="block-causal or sink-window"):
-        Probe(mode="rollout")
+        Probe(mode="rollout", mask="bidirectional")
+    assert Probe(mode="rollout").mask == "block-causal"  # rollout implies a causal mask
     with pytest.raises(HarnessError, match="capture_timesteps"):
         Probe(capture_timesteps=(1200.0,))
 

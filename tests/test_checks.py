@@ -205,7 +205,7 @@ def test_row_stochastic_fails_on_negative_entry_even_if_row_sums_to_one():
 
 
 def test_row_stochastic_refuses_logits():
-    with pytest.raises(ValueError, match="mass only"):
+    with pytest.raises(HarnessError, match="mass only"):
         run(make_ds(structured_logits()), "row_stochastic", metric="logits")
 
 
@@ -326,10 +326,16 @@ def test_selecting_a_head_that_does_not_exist_is_an_error():
     ("name", "params", "message"),
     [
         ("sink_score", {}, "needs at least one of sign, min, max"),
-        ("sink_heads", {}, "missing required parameter 'expected'"),
-        ("value_range", {"min": "low"}, "min: expected a number"),
-        ("value_range", {"mostly": 1.5}, r"mostly: must be in \(0, 1\]"),
+        ("sink_heads", {}, "expected: missing required parameter"),
+        ("value_range", {"min": "low"}, "min: expected a finite number"),
+        ("value_range", {"mostly": 1.5}, r"mostly: must be <= 1; got 1.5"),
+        ("value_range", {"mostly": 0}, r"mostly: must be > 0; got 0"),
         ("diagonal_dominance", {"against": "median"}, "one of max, mean"),
+        ("value_range", {"min": float("nan")}, "min: must be a finite number; got nan"),
+        ("sink_score", {"max": float("inf")}, "max: must be a finite number; got inf"),
+        ("row_stochastic", {"tol": float("inf")}, "tol: must be a finite number"),
+        ("row_stochastic", {"tol": -1e-3}, "tol: must be >= 0"),
+        ("value_range", {"min": 2, "max": 1}, "min 2 is above max 1: nothing can pass"),
     ],
 )
 def test_bad_parameters_are_refused_with_what_was_expected(name, params, message):
@@ -337,9 +343,17 @@ def test_bad_parameters_are_refused_with_what_was_expected(name, params, message
         checks.normalize_params(name, params)
 
 
-def test_unknown_parameter_is_a_key_error_naming_it():
-    with pytest.raises(KeyError, match="margn"):
-        checks.normalize_params("diagonal_dominance", {"margn": 1})
+def test_every_bad_parameter_is_named_at_once_by_key():
+    with pytest.raises(ValueError) as info:
+        checks.normalize_params("diagonal_dominance", {"margn": 1, "mostly": float("nan"), "heads": ["x"]})
+    assert sorted(p.key for p in info.value.problems) == ["heads", "margn", "mostly"]
+    assert "margn: unknown key" in str(info.value)
+
+
+def test_a_scalar_is_accepted_where_a_one_element_list_is_meant():
+    params = checks.normalize_params("sink_heads", {"expected": 3, "heads": 0, "steps": "last", "query_frames": 5})
+    assert params["expected"] == (3,) and params["heads"] == (0,) and params["steps"] == ("last",)
+    assert params["query_frames"] == (5,)
 
 
 def test_every_property_documents_a_formula_and_its_parameters():
@@ -349,3 +363,21 @@ def test_every_property_documents_a_formula_and_its_parameters():
     assert set(checks.PROPERTIES) >= {
         "value_range", "sink_score", "diagonal_dominance", "row_stochastic", "causal", "temporal_decay", "sink_heads"
     }
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("diagonal_dominance", {"query_frames": [50]}, r"query frames \[50\] are not in this data"),
+        ("temporal_decay", {"min_distance": 40}, "leave nothing to compare"),
+    ],
+)
+def test_selections_beyond_the_data_are_one_clear_error(name, params, message):
+    with pytest.raises(HarnessError, match=message):
+        run(make_ds(structured_logits()), name, **params)
+
+
+def test_temporal_decay_on_one_frame_is_an_error_not_a_vacuous_pass():
+    one_frame = make_ds(structured_logits()).isel(query_frame=[0], key_frame=[0])
+    with pytest.raises(HarnessError, match="fewer than two distances|leave nothing to compare"):
+        run(one_frame, "temporal_decay")

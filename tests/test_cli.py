@@ -11,7 +11,8 @@ import pytest
 import torch
 import xarray as xr
 
-from attn_harness.cli import main, parse_int_list
+from attn_harness.cli import build_parser, main, parse_int_list, probe_from_args
+from attn_harness.core.vocabulary import DEFAULT_STEP
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.store import read_dataset
 
@@ -34,14 +35,15 @@ def test_console_script_extracts_and_prints_stats(tmp_path):
     exe = Path(sys.executable).with_name("attn-harness")
     assert exe.exists(), "the attn-harness console script is installed beside the interpreter"
     out = tmp_path / "x.nc"
-    subprocess.run([exe, "extract", "--out", str(out), "--sample-steps", "2", "--layers", "3"], check=True, capture_output=True)
+    subprocess.run([exe, "extract", "--model", "tiny-random", "--out", str(out), "--sample-steps", "2", "--layers", "3"],
+                   check=True, capture_output=True)
     stats = subprocess.run([exe, "stats", str(out), "--layer", "3"], check=True, capture_output=True, text=True).stdout
     assert "Diagonal mean (self-attention):" in stats and "H 3: first=" in stats
 
 
 def test_extract_writes_a_valid_file_with_the_chosen_selection(tmp_path):
     out = tmp_path / "sel.nc"
-    argv = ["extract", "--out", str(out), "--layers", "0-1,3", "--steps", "0,2", "--sample-steps", "3",
+    argv = ["extract", "--model", "tiny-random", "--out", str(out), "--layers", "0-1,3", "--steps", "0,2", "--sample-steps", "3",
             "--metrics", "logits", "--mask", "block-causal", "--no-progress"]
     assert main(argv) == 0
     ds = read_dataset(out)
@@ -65,7 +67,7 @@ def test_stats_query_frames_select_the_profile(extraction, capsys):
     main(["stats", str(extraction), "--layer", "0", "--query-frames", "4,5", "--json"])
     report = json.loads(capsys.readouterr().out)
     ds = read_dataset(extraction)
-    first = ds["logits"].sel(step=0, layer=0, head=0, query_frame=[4, 5], key_frame=0).mean()
+    first = ds["logits"].sel(step=3, layer=0, head=0, query_frame=[4, 5], key_frame=0).mean()  # default: last step
     assert report["query_frames"] == [4, 5]
     assert report["heads"][0]["first"] == pytest.approx(float(first), abs=1e-6)
 
@@ -77,11 +79,22 @@ def test_stats_query_frames_select_the_profile(extraction, capsys):
         (["stats", "{nc}", "--layer", "0", "--step", "1"], "step 1 is not in this extraction; it has steps [0, 2, 3]"),
         (["stats", "{nc}", "--layer", "0", "--query-frames", "8,9"], "query frames [9] are not in this data"),
         (["stats", "{missing}", "--layer", "0"], "does not exist"),
-        (["extract", "--out", "{out}", "--layers", "5"], "out of range: this model has 4 layers"),
-        (["extract", "--out", "{out}", "--steps", "last,12"], "capture step 12 is out of range"),
-        (["extract", "--out", "{out}", "--frames", "30"], "must be 1 + k*4"),
-        (["extract", "--out", "{out}", "--layers", "a-b"], "is not a list of integers"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--layers", "5"], "out of range: this model has 4 layers"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--steps", "last,12"], "--steps: step 12 is out of range"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--frames", "30"], "must be 1 + k*4"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--layers", "a-b"], "is not a list of integers"),
         (["extract", "--out", "{out}", "--model", "{missing}"], "no such embedded model"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--layers", "3-1,0"], "'3-1' runs backwards"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--layers", "0-99999999"], "beyond the largest"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--guidance", "nan"], "--guidance 'nan': must be a finite"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--shift", "inf"], "--shift 'inf': must be a finite"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--frames", "0"], "--frames '0': must be >= 1"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--height", "0"], "--height '0': must be >= 16"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--seed", str(2**64)], "--seed"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--sample-steps", "10000000"], "must be <= 1000"),
+        (["extract", "--model", "tiny-random", "--out", "{out}", "--mode", "rollout", "--mask", "bidirectional"],
+         "--mask: mode 'rollout' attends to a KV cache"),
+        (["stats", "{nc}", "--layer", "0", "--step", "middle"], "--step: a step is first, mid, last or an index"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(argv, needle, extraction, tmp_path, capsys):
@@ -137,5 +150,83 @@ def test_help_lists_every_command(capsys):
 def test_int_lists_and_ranges():
     assert parse_int_list("0-3,5") == [0, 1, 2, 3, 5]
     assert parse_int_list("7") == [7]
-    with pytest.raises(HarnessError):
-        parse_int_list(",")
+    assert parse_int_list("3,1-2,3") == [1, 2, 3]  # duplicates dropped
+    for bad in (",", "3-1", "all"):
+        with pytest.raises(HarnessError):
+            parse_int_list(bad)
+
+
+def test_extract_needs_a_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract", "--out", str(tmp_path / "x.nc")])
+    assert exit_info.value.code == 2
+    assert "--model" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rollout_mode_implies_block_causal_and_layer_lists_drop_duplicates():
+    args = build_parser().parse_args(["extract", "--model", "tiny-random", "--out", "x.nc", "--mode", "rollout",
+                                      "--layers", "2,0-1,1"])
+    probe = probe_from_args(args)
+    assert probe.mode == "rollout" and probe.mask == "block-causal"
+    assert probe.layers == (0, 1, 2)
+
+
+@pytest.mark.parametrize("command", ["stats", "plot", "compare"])
+def test_one_default_step_and_one_meaning_of_mid(command, capsys):
+    """stats, plot and compare show the last step by default; mid is sample_steps // 2 everywhere."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "mid (sample_steps // 2)" in " ".join(capsys.readouterr().out.split())
+    assert DEFAULT_STEP == "last"
+
+
+def test_stats_defaults_to_the_last_step_and_mid_is_half_the_sample_steps(extraction, capsys):
+    assert main(["stats", str(extraction), "--layer", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3  # 4 sample steps: captured 0, 2, 3
+    assert main(["stats", str(extraction), "--layer", "0", "--step", "mid", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 4 // 2
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--sample-steps SAMPLE_STEPS denoising steps of the run (default: 10)" in text
+    assert "(default: first,mid,last)" in text and "(default: all)" in text
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "attn_harness", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("attn-harness ")
+
+
+def test_a_closed_pipe_is_not_an_error(extraction):
+    """`attn-harness stats ... | head`: the reader leaves early; no traceback, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "attn_harness", "stats", str(extraction), "--layer", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before the command writes (it imports first)
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
+
+
+def test_outputs_never_overwrite_inputs(extraction, tmp_path, capsys):
+    before = extraction.read_bytes()
+    assert main(["compare", str(extraction), str(extraction), "--out", str(extraction)]) == 2
+    assert "is an input of this command" in one_error_line(capsys)
+    legacy = tmp_path / "layer.pt"
+    legacy.write_bytes(b"not really a pickle")
+    assert main(["import-legacy", str(legacy), "--out", str(legacy)]) == 2
+    assert "is an input of this command" in one_error_line(capsys)
+    assert legacy.read_bytes() == b"not really a pickle" and extraction.read_bytes() == before
+
+
+def test_a_file_where_a_directory_is_expected_is_one_line(extraction, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    assert main(["plot", str(extraction), "--layer", "0", "--out", str(blocker)]) == 2
+    assert "is a file; give a directory" in one_error_line(capsys)
+    assert main(["extract", "--model", "tiny-random", "--sample-steps", "1", "--layers", "0", "--no-progress",
+                 "--out", str(blocker / "x.nc")]) == 2
+    assert "is a file, not a directory" in one_error_line(capsys)
+    assert blocker.read_text() == "mine"

@@ -82,9 +82,9 @@ def test_stable_across_steps_fails_when_a_head_changes_type():
 
 def test_head_types_needs_an_expectation_and_the_aligned_mass():
     ds = _dataset([_designed_heads()])
-    with pytest.raises(ValueError, match="needs at least one of expected, stable_across"):
+    with pytest.raises(HarnessError, match="head_types: needs at least one of expected, stable_across"):
         run_check(ds, "head_types", {})
-    with pytest.raises(ValueError, match="type_map|mapping"):
+    with pytest.raises(HarnessError, match="expected: expected a mapping of head index to one of sink, spatial"):
         run_check(ds, "head_types", {"expected": {0: "sinky"}})
     with pytest.raises(HarnessError, match="aligned_mass"):
         run_check(ds.drop_vars("aligned_mass"), "head_types", {"expected": {0: "sink"}})
@@ -100,7 +100,7 @@ def test_head_type_map_draws_every_layer_and_head():
 
 def test_a_nan_threshold_is_an_error_not_a_silent_change_of_types():
     ds = _dataset([_designed_heads()])
-    with pytest.raises(HarnessError, match="thresholds must be finite"):
+    with pytest.raises(HarnessError, match="head_types: sink: must be a finite number; got nan"):
         run_check(ds, "head_types", {"expected": {0: "sink"}, "sink": float("nan")})
 
 

@@ -52,7 +52,7 @@ def test_file_fingerprint_is_the_sha256_of_its_bytes_and_is_cached_by_path_size_
     assert file_sha256(path) == "planted"
     path.write_bytes(b"weights v2!")  # new size and mtime: a new key, hashed afresh
     assert file_sha256(path) == _sha256(b"weights v2!")
-    assert not [p.name for p in cache_dir().iterdir() if p.name.endswith(".tmp")]
+    assert not [p.name for p in cache_dir().iterdir() if p.name.endswith((".tmp", ".attn-tmp"))]
 
 
 def test_sharded_fingerprint_is_sha256sum_listing_hashed(tmp_path):

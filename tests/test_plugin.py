@@ -195,7 +195,7 @@ def test_missing_checkpoint_env_var_and_gpu_mark_skip_with_reason(project, monke
     import torch
 
     if not torch.cuda.is_available():
-        result.stdout.fnmatch_lines(["*'on-gpu' is marked gpu and no CUDA device is present*"])
+        result.stdout.fnmatch_lines(["*'on-gpu': it is marked gpu and no CUDA device is present*"])
         result.assert_outcomes(skipped=2)
 
 

@@ -53,7 +53,9 @@ def test_prompt_embeds_files_load_in_every_accepted_form(tmp_path, form):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (torch.zeros(16, 64), r"expected a float tensor \[1, tokens, text_dim\]; got \(16, 64\)"),
+        (torch.zeros(16, 64), r"expected a float tensor \[1, tokens, text_dim\]; got a float32 tensor of shape \[16, 64\]"),
+        (torch.zeros(1, 16, 64, dtype=torch.int64), r"got a int64 tensor of shape \[1, 16, 64\]"),
+        (b"not a tensor", "found bytes"),
         (torch.zeros(1, 16, 32), "text width 32 does not match the model's text_dim 64"),
         ({"embeds": torch.zeros(1, 16, 64)}, r"dict with 'prompt_embeds'.*found \['embeds'\]"),
         ({EMBEDS_KEY: torch.zeros(1, 16, 64), NEGATIVE_KEY: torch.zeros(2, 16, 64)}, r"\[negative_prompt_embeds\]: expected"),
@@ -329,3 +331,20 @@ def test_original_umt5_pth_with_wrong_keys_is_one_error_naming_file_and_keys(tmp
     with pytest.raises(HarnessError, match=message) as info:
         load_model(root).encode_prompt("a red square")
     assert str(info.value).startswith(f"{root / ORIGINAL_T5}: ")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_corrupt_embeddings_file_is_one_line_naming_it(tmp_path, suffix):
+    path = tmp_path / f"embeds{suffix}"
+    path.write_bytes(b"\x08" + bytes(7) + b'{"a": 1}')
+    with pytest.raises(HarnessError, match=f"embeds{suffix} is not a (readable safetensors file|file written by torch.save).*expected prompt embeddings") as info:
+        load_prompt_embeds(path, TEXT_DIM)
+    assert "\n" not in str(info.value)
+
+
+def test_a_pickle_that_needs_code_is_refused_without_advice_to_load_it_unsafely(tmp_path):
+    path = tmp_path / "embeds.pt"
+    torch.save({EMBEDS_KEY: torch.zeros(1, 16, 64), "extra": __import__("fractions").Fraction(1, 3)}, path)
+    with pytest.raises(HarnessError, match=r"contains Python objects \(fractions.Fraction\)") as info:
+        load_prompt_embeds(path, TEXT_DIM)
+    assert "weights_only" not in str(info.value) and "never runs pickled code" in str(info.value)

@@ -88,6 +88,7 @@ def test_last_block_rows_equal_a_block_causal_pass_over_clean_context(tiny, cont
             assert close == context_at_timestep_zero, (layer, metric, float((got - want).nan_to_num().abs().max()))
 
 
-def test_rollout_needs_the_block_causal_mask():
-    with pytest.raises(HarnessError, match="rollout.*set mask to block-causal"):
-        Probe(mode="rollout")
+def test_rollout_implies_the_block_causal_mask_and_refuses_bidirectional():
+    assert Probe(mode="rollout").mask == "block-causal"
+    with pytest.raises(HarnessError, match="rollout.*set it to block-causal or sink-window"):
+        Probe(mode="rollout", mask="bidirectional")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -94,12 +95,12 @@ def test_misspelled_spec_and_probe_keys(tmp_path):
 @pytest.mark.parametrize(
     ("old", "new", "line", "message"),
     [
-        ("seed: 3", "seed: three", 6, "probe.seed must be an integer; got 'three'"),
-        ("mask: block-causal", "mask: causal", 10, "probe: mask must be one of"),
-        ("{min: -50, max: 50}", "{min: low}", 14, "min: expected a number or null; got 'low'"),
-        ("heads: [0, 2]", "heads: 2", 16, "heads: expected 'all' or a list of head indices"),
+        ("seed: 3", "seed: three", 6, "probe.seed: expected an integer (>= 0, <= 9223372036854775807); got 'three'"),
+        ("mask: block-causal", "mask: causal", 10, "probe.mask: expected one of bidirectional, block-causal"),
+        ("{min: -50, max: 50}", "{min: low}", 14, "min: expected a finite number or null; got 'low'"),
+        ("heads: [0, 2]", "heads: [a]", 16, "heads: expected 'all', a head index or a list of them"),
         ("0-1:", "1-0:", 15, "runs backwards"),
-        ("{atol: 1e-3}", "{atol: -1}", 22, "baseline.logits.atol must be >= 0"),
+        ("{atol: 1e-3}", "{atol: -1}", 22, "baseline.logits.atol: must be >= 0; got -1"),
         ("[slow,", "[slwo,", 23, "unknown mark 'slwo' (did you mean 'slow'?)"),
         ("{id: causal-mass, metric: mass}", "{metric: mass}", 20, "layer 3 already has a check named 'causal'"),
         ("model: tiny-random\n", "model: tiny-random\n    model: other\n", 4, "duplicate key 'model' (first at line 3)"),
@@ -146,6 +147,123 @@ def test_model_from_env_var_with_default_and_missing(tmp_path):
     assert resolve_model("ckpt", embedded=embedded, root=tmp_path, environ={}) == (str(tmp_path / "ckpt"), None)
 
 
+# --------------------------------------------------------------------------- no value switches a check off
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("{atol: 1e-3}", "{atol: .nan}", "baseline.logits.atol: must be a finite number; got nan"),
+        ("{atol: 1e-3}", "{rtol: .inf}", "baseline.logits.rtol: must be a finite number; got inf"),
+        ("{min: -50, max: 50}", "{min: .nan}", "min: must be a finite number; got nan"),
+        ("mostly: 0.5", "mostly: .nan", "mostly: must be a finite number"),
+        ("seed: 3", "seed: 18446744073709551616", "probe.seed: must be <= 9223372036854775807"),
+        ("frames: 33", "frames: 0", "probe.frames: must be >= 1; got 0"),
+        ("sample_steps: 4", "sample_steps: 100000000", "probe.sample_steps: must be <= 1000"),
+        ("block_size: 3", "block_size: 0", "probe.block_size: must be >= 1"),
+        ("prompt: a cat", "prompt: a cat\n      guidance: .nan", "probe.guidance: must be a finite number"),
+        ("prompt: a cat", "prompt: a cat\n      shift: .nan", "probe.shift: must be a finite number"),
+        ("prompt: a cat", "prompt: a cat\n      height: 0", "probe.height: must be >= 16"),
+        ("capture_steps: [first, last]", "capture_steps: [first, 7]", "probe.capture_steps: step 7 is out of range"),
+        ("0-1:", "0-99999999:", "beyond the largest supported index"),
+        ("0-1:", "3-1, 0:", "'3-1' runs backwards"),
+    ],
+)
+def test_values_that_would_switch_a_check_off_are_refused(tmp_path, old, new, message):
+    assert old in GOOD
+    assert message in str(error_of(tmp_path, GOOD.replace(old, new, 1)))
+
+
+def test_every_problem_of_a_file_is_reported_at_once_each_at_its_line(tmp_path):
+    text = (GOOD.replace("seed: 3", "seed: -1")
+            .replace("sample_steps: 4", "sample_stepz: 4")
+            .replace("{min: -50, max: 50}", "{min: .nan}")
+            .replace("- row_stochastic", "- row_stochastc")
+            .replace("[slow,", "[slwo,"))
+    err = error_of(tmp_path, text)
+    assert [line for line, _ in err.problems] == [6, 8, 14, 18, 23]
+    lines = str(err).splitlines()
+    assert len(lines) == 5 and all(line.startswith("specs/x.yaml:") for line in lines)
+    assert "probe.seed: must be >= 0" in lines[0] and "unknown key 'sample_stepz'" in lines[1]
+
+
+def test_scalars_are_accepted_where_one_element_lists_are_meant(tmp_path):
+    text = (GOOD.replace("capture_steps: [first, last]", "capture_steps: last")
+            .replace("heads: [0, 2]", "heads: 0")
+            .replace("marks: [slow, {xfail: \"known drift\"}]", "marks: slow"))
+    (spec,) = load_specs(write(tmp_path, text))
+    assert spec.probe.capture_steps == ("last",)
+    assert spec.checks_by_layer(4)[0][1].params["heads"] == (0,)
+    assert [m.name for m in spec.marks] == ["slow"]
+
+
+@pytest.mark.parametrize(
+    "file",
+    [
+        "/etc/{spec}/{layer}.nc",
+        "baselines/../{spec}/{layer}.nc",
+        "baselines/{layer.__class__}/{spec}.nc",
+        "baselines/{spec!r}/{layer}.nc",
+        "baselines/{spec:>9}/{layer}.nc",
+        "baselines/{spec}.nc",
+        "golden/{spec}/{layer}.nc",
+        "baselines/{spec}/{layer}.txt",
+        "baselines/{spec}/{0}.nc",
+        "baselines\\\\{spec}\\\\{layer}.nc",
+    ],
+)
+def test_baseline_files_stay_inside_the_baselines_directory(tmp_path, file):
+    text = GOOD.replace("      logits: {atol: 1e-3}", f"      file: '{file}'\n      logits: {{atol: 1e-3}}")
+    err = error_of(tmp_path, text)
+    assert err.line == 22 and "baseline.file" in str(err)
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12)]
+    text = "\n".join(lines) + "\nspecs: *a11\n"
+    started = time.perf_counter()
+    err = error_of(tmp_path, text)
+    assert "more than 100 YAML aliases" in str(err)
+    assert time.perf_counter() - started < 30  # a generous bound: the unbounded version never returns
+
+
+def test_an_aliased_value_in_a_message_is_cut_short(tmp_path):
+    text = "big: &big [" + ", ".join(["word"] * 500) + "]\nspecs:\n  - name: demo\n    model: *big\n    layers: {0: [causal]}\n"
+    err = error_of(tmp_path, text)
+    assert "spec.model: expected a string" in str(err) and len(str(err)) < 300
+
+
+def test_duplicate_spec_names_in_one_file_are_refused(tmp_path):
+    text = GOOD + GOOD.split("specs:\n", 1)[1]
+    err = error_of(tmp_path, text)
+    assert "duplicate spec name 'demo' (first at line 2)" in str(err)
+
+
+def test_an_empty_variable_counts_as_unset(tmp_path):
+    embedded = {"tiny-random"}
+    assert resolve_model("${M:-tiny-random}", embedded=embedded, root=tmp_path, environ={"M": ""}) == ("tiny-random", None)
+    source, reason = resolve_model("${WAN_CKPT}", embedded=embedded, root=tmp_path, environ={"WAN_CKPT": ""})
+    assert source is None and "WAN_CKPT is empty" in reason
+
+
+@pytest.mark.parametrize(
+    ("condition", "message"),
+    [
+        ("__import__('os').system('touch pwned')", "the only call allowed is env"),
+        ("open('x').read()", "the only call allowed is env"),
+        ("sys.platform == 'darwin'", "Attribute is not allowed"),
+        ("platfrom == 'linux'", "unknown name 'platfrom'"),
+        ("[x for x in ()]", "ListComp is not allowed"),
+    ],
+)
+def test_skipif_conditions_are_data_not_code(tmp_path, condition, message):
+    text = GOOD.replace('marks: [slow, {xfail: "known drift"}]',
+                        f'marks: [{{skipif: {{condition: "{condition}", reason: r}}}}]')
+    err = error_of(tmp_path, text)
+    assert err.line == 23 and message in str(err)
+    assert not (tmp_path / "pwned").exists()
+
 AUTOREGRESSIVE = GOOD.replace(
     "      capture_steps: [first, last]\n      mask: block-causal\n",
     "      capture_timesteps: [999, 500]\n      mode: rollout\n      mask: sink-window\n      sink_frames: 3\n"
@@ -170,8 +288,8 @@ def test_capture_steps_and_capture_timesteps_together_name_the_line(tmp_path):
 
 def test_bad_autoregressive_values_name_their_key(tmp_path):
     err = error_of(tmp_path, AUTOREGRESSIVE.replace("warp_timesteps: false", "warp_timesteps: 2"))
-    assert "probe.warp_timesteps must be true or false" in str(err)
+    assert "probe.warp_timesteps: expected true or false" in str(err)
     err = error_of(tmp_path, AUTOREGRESSIVE.replace("[1000, 750, 500, 250]", "[250, 500]"))
-    assert "denoising_timesteps must be distinct values in (0, 1000], descending" in str(err)
+    assert "denoising_timesteps: must be distinct values in (0, 1000], descending" in str(err)
     err = error_of(tmp_path, AUTOREGRESSIVE.replace("metrics: [logits, mass, text_mass]", "metrics: [logits, mass]"))
     assert "text_share checks 'text_mass' but the probe captures only ['logits', 'mass']" in str(err)

@@ -42,7 +42,7 @@ def test_a_warn_severity_property_warns_instead_of_failing() -> None:
 
 
 def test_a_bad_parameter_is_an_error_not_a_failed_assertion() -> None:
-    with pytest.raises(HarnessError, match="diagonal_dominance: unknown parameter 'margins'"):
+    with pytest.raises(HarnessError, match="diagonal_dominance: margins: unknown key \\(did you mean 'margin'\\?\\)"):
         assert_property(planted_dataset(), "diagonal_dominance", layer=0, margins=0.5)
 
 

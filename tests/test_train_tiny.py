@@ -177,3 +177,14 @@ def test_trained_models_show_structure_that_random_init_lacks(model_dir, at_leas
     assert _structured_heads(random) == {"diagonal": 0, "sink": 0, "decay": 0}
     trained = _structured_heads(recorded)
     assert all(trained[kind] >= at_least[kind] for kind in at_least), trained
+
+
+def test_the_trainer_refuses_a_directory_it_did_not_write_and_changes_nothing(tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        train_tiny.main(["--out", str(project), "--steps", "1"])
+    assert exit_info.value.code == 2
+    assert "is not a model directory this trainer wrote" in capsys.readouterr().err
+    assert [p.name for p in project.iterdir()] == ["config.json"] and (project / "config.json").read_text() == "mine"

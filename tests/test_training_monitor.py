@@ -74,7 +74,7 @@ def test_trend_needs_a_history():
 
 def test_a_nan_max_drop_is_an_error_not_a_pass(tmp_path):
     falling = _history(tmp_path, [1.5, 1.4, 0.6])
-    with pytest.raises(HarnessError, match="max_drop must be finite"):
+    with pytest.raises(HarnessError, match="trend: max_drop: must be a finite number; got nan"):
         run_check(falling, "trend", {"max_drop": float("nan")})
 
 

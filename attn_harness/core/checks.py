@@ -26,84 +26,24 @@ from attn_harness.core import metrics
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells, mask_params
 from attn_harness.core.schema import DIMS, METRICS, PROBABILITIES, SAMPLE_DIM, TEXT_METRIC
+from attn_harness.core.vocabulary import REQUIRED, Field, FieldError, FieldErrors, step_index, validate
 
-REQUIRED = object()  # marks a parameter without a default
 MAX_LISTED = 10  # violations spelled out in a failure message (all are in ``violations``)
 MAX_RECORDED = 200  # violations kept in a result (the JSON record stays small)
 
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter: its kind (how values are validated), default and meaning."""
-
-    kind: str  # number | int | bool | choice | frames | heads | steps | int_list | type_map
-    default: Any = REQUIRED
-    doc: str = ""
-    choices: tuple[str, ...] = ()
-
-    def coerce(self, value: Any) -> Any:
-        """Return the value in canonical form, or raise ``ValueError`` saying what was expected."""
-        if value is None and self.default is None:
-            return None
-        kind = self.kind
-        if kind == "number" and _is_number(value):
-            return float(value)
-        if kind == "int" and _is_int(value):
-            return int(value)
-        if kind == "bool" and isinstance(value, bool):
-            return value
-        if kind == "choice" and value in self.choices:
-            return value
-        if kind in ("frames", "int_list") and _is_int_list(value):
-            return tuple(int(v) for v in value)
-        if kind == "heads" and (value == "all" or _is_int_list(value)):
-            return value if value == "all" else tuple(int(v) for v in value)
-        if kind == "type_map" and isinstance(value, Mapping) and value and all(
-            _is_int(h) and t in metrics.HEAD_TYPES for h, t in value.items()
-        ):
-            return {int(h): t for h, t in value.items()}
-        if kind == "steps" and (
-            value == "all"
-            or (isinstance(value, (list, tuple)) and value and all(_is_int(v) or v in ("first", "last") for v in value))
-        ):
-            return value if value == "all" else tuple(value)
-        raise ValueError(f"expected {self.describe()}; got {value!r}")
-
-    def describe(self) -> str:
-        return {
-            "number": "a number",
-            "int": "an integer",
-            "bool": "true or false",
-            "choice": "one of " + ", ".join(self.choices),
-            "frames": "a list of latent frame indices",
-            "int_list": "a list of integers",
-            "heads": "'all' or a list of head indices",
-            "steps": "'all' or a list of step indices (first and last allowed)",
-            "type_map": "a mapping of head index to one of " + ", ".join(metrics.HEAD_TYPES),
-        }[self.kind] + (" or null" if self.default is None else "")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_int_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(v) for v in value)
+Param = Field  # a property parameter is a vocabulary field
 
 
 COMMON_PARAMS: dict[str, Param] = {
     "metric": Param("choice", None, "variable to check (default per property)", (*METRICS, TEXT_METRIC)),
     "heads": Param("heads", "all", "heads to check"),
-    "steps": Param("steps", "all", "denoising steps to check (step coordinate values)"),
-    "mostly": Param("number", 1.0, "share of units (cells, rows or heads) that must pass, in (0, 1]"),
+    "steps": Param("steps", "all", "denoising steps to check: step indices, first, mid (sample_steps // 2), last"),
+    "mostly": Param("number", 1.0, "share of units (cells, rows or heads) that must pass, in (0, 1]", above=0, high=1),
     "severity": Param("choice", "fail", "a failing warn-check passes with a warning", ("fail", "warn")),
     "over": Param("choice", None, "samples: mostly is the share of samples (prompt, seed) in which the property holds",
                   ("samples",)),
-    "confidence": Param("number", 0.95, "with over: samples, the lower confidence bound (Wilson) of the pass rate must reach mostly"),
+    "confidence": Param("number", 0.95, "with over: samples, the lower confidence bound (Wilson) of the pass rate must reach mostly",
+                        low=0.5, high=0.9999),
 }
 
 
@@ -301,6 +241,7 @@ def sink_score(da: xr.DataArray, params: dict) -> Evaluation:
 
 def diagonal_dominance(da: xr.DataArray, params: dict) -> Evaluation:
     if params["query_frames"]:
+        metrics._check_frames(da, params["query_frames"])
         da = da.sel(query_frame=list(params["query_frames"]))
     same = da["query_frame"] == da["key_frame"]
     diag = da.where(same).max("key_frame", skipna=True)
@@ -394,8 +335,15 @@ def _decay_profile(da: xr.DataArray, params: dict) -> xr.DataArray:
     da = _visible_only(da)
     if params["exclude_first"]:
         da = da.where((da["query_frame"] != 0) & (da["key_frame"] != 0))
-    top = int(distance.max()) if params["max_distance"] is None else params["max_distance"]
+    largest = int(distance.max())
+    top = largest if params["max_distance"] is None else min(params["max_distance"], largest)
     wanted = range(params["min_distance"], top + 1)
+    if len(wanted) < 2:
+        raise HarnessError(
+            f"temporal_decay: distances {params['min_distance']}..{top} leave nothing to compare "
+            f"(this data has {da.sizes['key_frame']} latent frames, distances 0..{largest}); "
+            "it needs more frames or a smaller min_distance"
+        )
     profile = [
         da.where(distance == d).mean("key_frame", skipna=True).mean("query_frame", skipna=True) for d in wanted
     ]
@@ -404,6 +352,9 @@ def _decay_profile(da: xr.DataArray, params: dict) -> xr.DataArray:
 
 def temporal_decay(da: xr.DataArray, params: dict) -> Evaluation:
     profile = _decay_profile(da, params)
+    if int(profile.notnull().any([d for d in profile.dims if d != "distance"]).sum()) < 2:
+        raise HarnessError("temporal_decay: fewer than two distances have visible cells (with exclude_first, "
+                           "frame 0 is left out), so nothing can be compared; use more frames")
     tol = params["tol"]
     farther = profile.isel(distance=slice(1, None))
     nearer = profile.isel(distance=slice(None, -1)).assign_coords(distance=farther["distance"].values)
@@ -639,7 +590,8 @@ _register(Property(
 _register(Property(
     name="row_stochastic",
     formula="per head and query frame a: |sum_b mass[a, b] - 1| <= tol and every mass[a, b] >= 0",
-    params={"tol": Param("number", 1e-4, "allowed deviation of a row sum from 1 (float32 sums of <= 100 terms)")},
+    params={"tol": Param("number", 1e-4, "allowed deviation of a row sum from 1 (float32 sums of <= 100 terms)",
+                           low=0, high=1)},
     fn=row_stochastic,
     default_metric="mass",
     metrics=("mass",),
@@ -650,8 +602,8 @@ _register(Property(
     "sink-window: also earlier frames that are neither among the first sink_frames nor the last window_frames "
     "before a's block; a bidirectional extraction is checked as block-causal): logits NaN; |mass| <= tol",
     params={
-        "block_size": Param("int", None, "frames per block (default: the extraction's block_size)"),
-        "tol": Param("number", 0.0, "largest |mass| allowed on a masked cell"),
+        "block_size": Param("int", None, "frames per block (default: the extraction's block_size)", low=1, high=64),
+        "tol": Param("number", 0.0, "largest |mass| allowed on a masked cell", low=0, high=1),
     },
     fn=causal,
     default_metric="mass",
@@ -661,10 +613,10 @@ _register(Property(
     formula="per head: p(d) = mean over query frames a of mean{x[a, b] : |a - b| = d, visible}; "
     "p(d) <= p(d - 1) + tol for min_distance < d <= max_distance",
     params={
-        "tol": Param("number", 0.0, "allowed growth from one distance to the next"),
+        "tol": Param("number", 0.0, "allowed growth from one distance to the next", low=0),
         "exclude_first": Param("bool", True, "leave frame 0 (the usual sink) out as query and key"),
-        "min_distance": Param("int", 0, "first distance of the profile"),
-        "max_distance": Param("int", None, "last distance of the profile (default: the largest)"),
+        "min_distance": Param("int", 0, "first distance of the profile", low=0, high=4095),
+        "max_distance": Param("int", None, "last distance of the profile (default: the largest)", low=0, high=4095),
     },
     fn=temporal_decay,
 ))
@@ -690,11 +642,11 @@ _register(Property(
     "(and with stable_across: steps, every head keeps one type at every step; with stable_across: samples, "
     "in every sample of a population, or in a share mostly of them)",
     params={
-        "expected": Param("type_map", None, "head index -> sink, spatial, temporal or mixed"),
+        "expected": Param("type_map", None, "head index -> sink, spatial, temporal or mixed", metrics.HEAD_TYPES),
         "stable_across": Param("choice", None, "every head keeps its type across these (samples: in every sample, "
                                "or in at least mostly of them, by its lower Wilson bound with over: samples)",
                                ("steps", "samples")),
-        **{name: Param("number", value, f"share at which a head counts as {name}")
+        **{name: Param("number", value, f"share at which a head counts as {name}", low=0, high=1)
            for name, value in metrics.HEAD_TYPE_THRESHOLDS.items()},
     },
     fn=head_types,
@@ -708,8 +660,8 @@ _register(Property(
     formula="on a training history (dim checkpoint): per head, sink over the last N checkpoints; "
     "max(sink) - sink at the latest checkpoint <= max_drop",
     params={
-        "max_drop": Param("number", REQUIRED, "largest allowed fall of the sink score from its peak"),
-        "last": Param("int", 3, "how many of the latest checkpoints to look at"),
+        "max_drop": Param("number", REQUIRED, "largest allowed fall of the sink score from its peak", low=0),
+        "last": Param("int", 3, "how many of the latest checkpoints to look at", low=2, high=100_000),
         "query_frames": QUERY_FRAMES,
     },
     fn=trend,
@@ -737,33 +689,23 @@ _register(Property(
 def normalize_params(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     """Validate ``raw`` against the property's and the common parameters; fill defaults.
 
-    Raises ``KeyError`` for an unknown parameter (message: the key) and ``ValueError`` for a
-    bad value (message says what was expected); the spec loader adds file and line.
+    Raises ``FieldErrors`` (a ``ValueError``) listing every bad, unknown or missing key at
+    once, each with its ``key``; the spec loader adds file and line.
     """
     prop = PROPERTIES[name]
-    schema = {**COMMON_PARAMS, **prop.params}
-    for key in raw:
-        if key not in schema:
-            raise KeyError(key)
-    params: dict[str, Any] = {}
-    for key, param in schema.items():
-        if key in raw:
-            try:
-                params[key] = param.coerce(raw[key])
-            except ValueError as err:
-                raise ValueError(f"{key}: {err}") from None
-        elif param.default is REQUIRED:
-            raise ValueError(f"missing required parameter '{key}' ({param.doc})")
-        else:
-            params[key] = param.default
+    params = validate({**COMMON_PARAMS, **prop.params}, raw)
     if params["metric"] is None:
         params["metric"] = prop.default_metric
+    problems = []
     if params["metric"] not in prop.metrics:
-        raise ValueError(f"metric: {name} works on {', '.join(prop.metrics)} only; got {params['metric']!r}")
-    if not 0 < params["mostly"] <= 1:
-        raise ValueError(f"mostly: must be in (0, 1]; got {params['mostly']}")
+        problems.append(FieldError("metric", f"{name} works on {', '.join(prop.metrics)} only; got {params['metric']!r}"))
     if prop.requires_one_of and all(params[key] is None for key in prop.requires_one_of):
-        raise ValueError(f"{name} needs at least one of {', '.join(prop.requires_one_of)}")
+        problems.append(FieldError(None, f"needs at least one of {', '.join(prop.requires_one_of)}"))
+    for low, high in (("min", "max"), ("min_distance", "max_distance")):
+        if params.get(low) is not None and params.get(high) is not None and params[low] > params[high]:
+            problems.append(FieldError(low, f"{low} {params[low]:g} is above {high} {params[high]:g}: nothing can pass"))
+    if problems:
+        raise FieldErrors(problems)
     return params
 
 
@@ -780,8 +722,7 @@ def _select(ds: xr.Dataset, params: dict, layer: int | None) -> xr.DataArray:
         selection["head"] = list(params["heads"])
     if params["steps"] != "all":
         available = [int(s) for s in ds["step"].values]
-        named = {"first": min(available), "last": max(available)}
-        selection["step"] = sorted({named.get(s, s) for s in params["steps"]})
+        selection["step"] = sorted({step_index(s, available, ds.attrs.get("sample_steps")) for s in params["steps"]})
     for dim, wanted in selection.items():
         present = set(int(v) for v in ds[dim].values)
         missing = [v for v in wanted if v not in present]
@@ -856,7 +797,10 @@ def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: in
     """Evaluate property ``name`` on ``ds`` (one layer of it when ``layer`` is given)."""
     if name not in PROPERTIES:
         raise HarnessError(f"unknown property {name!r}; known: {', '.join(PROPERTIES)}")
-    params = normalize_params(name, params)
+    try:
+        params = normalize_params(name, params)
+    except FieldErrors as err:
+        raise HarnessError(f"{name}: {err}") from None
     da = _select(ds, params, layer)
     prop = PROPERTIES[name]
     missing = [dim for dim in prop.needs_dims if dim not in ds.dims]

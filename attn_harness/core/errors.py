@@ -8,3 +8,4 @@ collection error or a failed item, never as a traceback.
 
 class HarnessError(Exception):
     """A problem with the user's input (file, flag, spec, checkpoint) rather than a bug."""
+

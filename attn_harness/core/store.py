@@ -8,6 +8,7 @@ in and out; it lists every problem it finds, each with the first offending locat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from attn_harness.core.atomic import atomic_path
+from attn_harness.core.atomic import write_atomic
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells, mask_params
 from attn_harness.core.h5read import read_plain
@@ -45,16 +46,29 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     return write_netcdf(ds, path)
 
 
+def _local_lock() -> contextlib.AbstractContextManager:
+    """Inside a Dask worker, xarray would guard an in-memory write with a cluster-wide lock named
+    by the buffer object, which the scheduler refuses; the write is local, so a local lock serves."""
+    try:
+        import dask
+    except ImportError:
+        return contextlib.nullcontext()
+    return dask.config.set(scheduler="synchronous")
+
+
 def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write ``ds`` atomically as NetCDF4 with NetCDF-safe attrs, without contract validation."""
     path = Path(path)
     out = storable(ds)
     encoding = {name: dict(FLOAT_ENCODING) for name, var in out.data_vars.items() if var.dtype == np.float32}
     try:
-        with atomic_path(path) as tmp:
-            out.to_netcdf(tmp, engine=ENGINE, format="NETCDF4", encoding=encoding)
+        # Serialised in memory first: HDF5 keeps no handle on the target, so a full disk is one
+        # OSError from a plain write (no HDF5 errors at exit, no crash) and the temp goes away.
+        with _local_lock():
+            data = bytes(out.to_netcdf(engine=ENGINE, format="NETCDF4", encoding=encoding))
     except (OSError, TypeError, ValueError) as exc:
         raise HarnessError(f"could not write {path}: {exc}") from exc
+    write_atomic(path, data)
     return path
 
 

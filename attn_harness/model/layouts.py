@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-from safetensors.torch import load_file
 
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.layout import (  # noqa: F401  (re-exported: the model layer's callers)
@@ -34,7 +33,7 @@ from attn_harness.core.layout import (  # noqa: F401  (re-exported: the model la
     detect_layout,
     read_json,
 )
-from attn_harness.model.torchfile import safe_load
+from attn_harness.model.torchfile import load_tensors
 
 # Trainer checkpoints: the EMA generator is what one samples from, so it wins when present.
 GENERATOR_ENTRIES = ("generator_ema", "generator")
@@ -198,13 +197,11 @@ def select_generator(obj: object, where: Path) -> tuple[dict[str, torch.Tensor],
 
 def load_checkpoint_file(path: Path) -> object:
     """A ``.safetensors`` file as a dict, or a ``.pt`` file with torch's weights-only loader."""
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    return safe_load(path, what="a training checkpoint: the generator's state_dict (tensors only) saved with torch.save")
+    return load_tensors(path, what="a training checkpoint: the generator's state_dict (tensors only)")
 
 
 def read_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        state.update(load_file(path))
+        state.update(load_tensors(path, what="a safetensors weights file"))
     return state

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from attn_harness.core.atomic import atomic_path
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.fingerprint import seed_of_text, sha256_chunks, sha256_text
-from attn_harness.model.torchfile import safe_load
+from attn_harness.model.torchfile import load_tensors
 
 EMBEDS_KEY = "prompt_embeds"
 NEGATIVE_KEY = "negative_prompt_embeds"
@@ -54,8 +54,9 @@ class PromptEmbeds:
 
 def _check_embedding(tensor: object, where: str, text_dim: int | None) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3 or tensor.shape[0] != 1 or not tensor.is_floating_point():
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise HarnessError(f"{where}: expected a float tensor [1, tokens, text_dim]; got {shape}")
+        got = (f"a {str(tensor.dtype).replace('torch.', '')} tensor of shape {list(tensor.shape)}"
+               if isinstance(tensor, torch.Tensor) else type(tensor).__name__)
+        raise HarnessError(f"{where}: expected a float tensor [1, tokens, text_dim]; got {got}")
     if text_dim is not None and tensor.shape[2] != text_dim:
         raise HarnessError(f"{where}: text width {tensor.shape[2]} does not match the model's text_dim {text_dim}")
     return tensor.detach().float().cpu()
@@ -65,11 +66,9 @@ def load_prompt_embeds(path: str | Path, text_dim: int | None = None) -> PromptE
     """Read a ``--prompt-embeds`` file (``.pt`` tensor or dict, or ``.safetensors`` with named keys)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise HarnessError(f"{path}: prompt embeddings file not found")
-    if path.suffix == ".safetensors":
-        content: object = load_file(path)
-    else:
-        content = safe_load(path, what="prompt embeddings (a tensor or a dict of tensors)")
+        state = "is a directory, not a prompt embeddings file" if path.is_dir() else "prompt embeddings file not found"
+        raise HarnessError(f"{path}: {state}")
+    content = load_tensors(path, what="prompt embeddings (a tensor or a dict of tensors)")
     if isinstance(content, torch.Tensor):
         return PromptEmbeds(_check_embedding(content, str(path), text_dim), None, str(path))
     if not isinstance(content, dict) or EMBEDS_KEY not in content:

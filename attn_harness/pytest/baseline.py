@@ -19,7 +19,7 @@ the largest absolute and relative differences with their locations, the worst ce
 Regeneration (the pytest-regressions options): a missing baseline is written and the item
 fails; ``--force-regen`` rewrites the current class's file when it differs (the item still
 fails); ``--regen-all`` rewrites it unless the values are within tolerance and the provenance
-that decides them is unchanged, and ``RegenSummary`` says how many it rewrote and why.
+that decides them is unchanged, and ``attn_harness.pytest.regen`` says how many it rewrote and why.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ RELEVANT_PROVENANCE: tuple[str, ...] = (
     "height", "width", "num_frames", "mask", "mode", "block_size", "sample_steps", "guidance", "shift", "branch",
 )
 WORST_CELLS = 5
-REGEN_PROPERTY = "attn_baseline_regen"  # user_properties key of an item's --regen-all action
 
 
 def layer_slice(ds: xr.Dataset, layer: int) -> xr.Dataset:
@@ -352,29 +351,3 @@ def _no_baseline_for_class(expected: xr.Dataset, obtained: xr.Dataset, path: Pat
         f"for information, against the {base_class} baseline with the {run_class} tolerance ({tolerance_text(tolerances)}):",
         *(f"  {line}" for line in drift), *([] if drift else ["  within it"]),
     ])
-
-
-class RegenSummary:
-    """Counts the ``--regen-all`` actions of baseline items (from reports, so it works with xdist)."""
-
-    def __init__(self) -> None:
-        self.actions: list[tuple[str, str, str]] = []  # (action, file, reason)
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call":
-            return
-        for key, value in report.user_properties:
-            if key == REGEN_PROPERTY:
-                self.actions.append(tuple(value))
-
-    def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not self.actions:
-            return
-        rewritten = [a for a in self.actions if a[0] == "rewritten"]
-        kept = len(self.actions) - len(rewritten)
-        terminalreporter.write_sep("-", "attn-harness --regen-all")
-        terminalreporter.write_line(
-            f"rewrote {len(rewritten)} of {len(self.actions)} baselines; kept {kept} (values within tolerance, same provenance)"
-        )
-        for _, file, reason in sorted(rewritten):
-            terminalreporter.write_line(f"  rewrote {file}: {reason}")

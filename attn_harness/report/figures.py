@@ -347,7 +347,7 @@ def layer_head_overview(
             if annotate:
                 for (row, col), value in np.ndenumerate(grid):
                     dark = image.norm(value) > 0.8 or (scale == "logits" and image.norm(value) < 0.2)
-                    ax.text(col, row, f"{value:.1f}", ha="center", va="center", fontsize=6,
+                    ax.text(col, row, f"{value:.1f}", ha="center", va="center", fontsize=8,
                             color="white" if dark else "black")
             ax.set_xticks(range(heads), [str(int(h)) for h in values["head"].values])
             ax.set_yticks(frame_ticks(layers), [str(int(values["layer"].values[i])) for i in frame_ticks(layers)])
