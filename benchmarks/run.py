@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import e2e, logits_cpu, overhead, scaling, seed_method, sweep
+from benchmarks import e2e, logits_cpu, overhead, population, scaling, seed_method, sweep
 from benchmarks.shapes import EMBEDDED, MID, MID_QUICK, SMOKE, WAN_1_3B, Shape
 from benchmarks.timing import environment
 
-SECTIONS = ("overhead", "seed-method", "scaling", "e2e", "logits-cpu", "kernels", "sweep")
+SECTIONS = ("overhead", "seed-method", "scaling", "e2e", "logits-cpu", "kernels", "sweep", "population")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Profile:
     e2e_reps: int
     logits_cpu_tokens: tuple[int, ...] = (7800, 32760)
     sweep_reps: int = 2
+    population_cut: tuple[int | None, int | None, int | None] = (None, None, None)  # prompts, seeds, steps of the spec's
 
 
 PROFILES = {
@@ -45,7 +46,8 @@ PROFILES = {
         5, 1, (EMBEDDED, MID), (1560, 3120, 4680, 7800), (1560, 3120, 4680, 7800), 1560, (2, 3, 4, 5), 1560, (3, 6, 12, 21), 5, sweep_reps=3
     ),
     "quick": Profile(5, 1, (EMBEDDED, MID_QUICK), (1560, 3120), (1560, 7800), 1560, (1, 2, 3, 4), 780, (3, 6, 12, 21), 1, sweep_reps=2),
-    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0, (16, 32), sweep_reps=0),
+    "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0, (16, 32), sweep_reps=0,
+                     population_cut=(2, 1, 2)),
 }
 
 
@@ -90,6 +92,10 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
     if "sweep" in sections and profile.sweep_reps:
         log(f"[sweep] {len(sweep.MODELS)} models x {len(sweep.PROMPTS)} prompts x {len(sweep.SEEDS)} seeds: 2 workers vs 1 (1 torch thread each)")
         records += sweep.run(reps=profile.sweep_reps, env=env)
+    if "population" in sections:
+        probe = population.population_probe(specs, device, *profile.population_cut)
+        log(f"[population] {len(probe.samples())} samples ({probe.sample_steps} steps) vs one sample, tiny-trained")
+        records += population.run(probe, reps=profile.reps, warmup=profile.warmup, env=env)
     return records
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,13 @@ def test_report_scale_builds_the_real_models_geometry_and_well_formed_records(tm
     record = report_scale.measure("case", lambda: page, reps=2)
     assert record["name"] == "case" and record["reps"] == 2 and record["bytes"] == 100
     assert record["min_s"] <= record["median_s"] <= record["max_s"]
+
+
+def test_population_section_times_the_population_against_one_sample_in_the_same_run(tmp_path):
+    path = tmp_path / "population.json"
+    specs = Path(__file__).parents[1] / "specs"
+    assert runner.main(["--smoke", "--sections", "population", "--specs", str(specs), "--json", str(path)]) == 0
+    records = {rec["name"]: rec for rec in json.loads(path.read_text())}
+    assert set(records) == {"population/one-sample", "population/2-samples", "population/2-samples/sampling-loop"}
+    assert {rec["baseline"] for rec in records.values()} == {"population/one-sample"}
+    assert records["population/2-samples"]["samples"] == 2

@@ -134,7 +134,7 @@ def test_the_gpu_variant_of_the_kernels_compiles_for_hopper_without_a_gpu(dtype)
         types = {**{name: "i32" for name in ints}, **pointers}
         signature = {name: "constexpr" if name in constants else types[name] for name in kernel.arg_names}
         compiled = triton_compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 8, "num_stages": 3})
+                                  options={"num_warps": 8, "num_stages": 3, "enable_fp_fusion": mass.FP_FUSION})
         assert compiled.asm["cubin"], f"{kernel.__name__}: no machine code"
 
 

@@ -17,11 +17,13 @@ from attn_harness.sampling.extract import extract, stack_samples
 
 PROMPTS = ("a red square moving from left to right", "a blue circle moving up")
 SHORT = dict(sample_steps=3, capture_steps=("first", "last"))
+FRAME_METRICS = ("logits", "mass", "aligned_mass")
 
 
 @pytest.fixture(scope="module")
 def population():
-    return extract("tiny-trained", Probe(prompts=PROMPTS, seeds=(0, 1), sample_batch=3, **SHORT), progress=False)
+    return extract("tiny-trained", Probe(prompts=PROMPTS, seeds=(0, 1), sample_batch=3, metrics=FRAME_METRICS, **SHORT),
+                   progress=False)
 
 
 def test_population_has_a_sample_dim_with_prompt_and_seed(population):
@@ -33,13 +35,14 @@ def test_population_has_a_sample_dim_with_prompt_and_seed(population):
 
 def test_each_sample_equals_its_own_extraction(population):
     # batches of 3 then 1 sample: float32 GEMMs of other shapes sum in another order, so
-    # samples agree with single runs to float32 rounding (measured 2.9e-6 on logits up to ~10)
-    # a sample's noise is drawn from (seed, prompt): the single run of that prompt with that noise seed
+    # samples agree with single runs to float32 rounding (measured 2.9e-6 on logits up to ~10, 3.0e-7 on mass
+    # and 2.7e-7 on aligned_mass); a sample's noise is drawn from (seed, prompt): the single run of that
+    # prompt with that noise seed
     probe = Probe(prompts=PROMPTS, seeds=(0, 1))
     for index, (prompt, seed) in enumerate(zip(population["prompt"].values, population["seed"].values)):
         noise_seed = probe.noise_seed(str(prompt), int(seed))
-        one = extract("tiny-trained", Probe(prompt=str(prompt), seed=noise_seed, **SHORT), progress=False)
-        for name in ("logits", "mass"):
+        one = extract("tiny-trained", Probe(prompt=str(prompt), seed=noise_seed, metrics=FRAME_METRICS, **SHORT), progress=False)
+        for name in FRAME_METRICS:
             np.testing.assert_allclose(population[name].isel(sample=index).values, one[name].values, atol=2e-5, rtol=1e-5)
 
 
@@ -163,3 +166,32 @@ def test_one_evaluation_of_all_samples_equals_each_sample_evaluated_alone(mask):
         assert together == alone, (name, raw)  # counts, verdict inputs, messages and violations, exactly
         failing += sum(ev.failing for ev in alone)
     assert failing > 0  # the comparison covers violations and their notes
+
+
+def test_a_text_mass_population_holds_each_sample_s_cross_attention_and_content_tokens(tmp_path):
+    probe = Probe(prompts=PROMPTS, seeds=(0,), metrics=("logits", "text_mass"), **SHORT)
+    population = extract("tiny-trained", probe, progress=False)
+    assert population["text_mass"].dims == ("sample", "step", "layer", "head", "query_frame", "text_token")
+    assert population["text_content"].dims == ("sample", "text_token")
+    for index, prompt in enumerate(PROMPTS):
+        single = Probe(prompt=prompt, seed=probe.noise_seed(prompt, 0), metrics=("logits", "text_mass"), **SHORT)
+        one = extract("tiny-trained", single, progress=False)
+        np.testing.assert_allclose(population["text_mass"].isel(sample=index).values, one["text_mass"].values, atol=1e-6)
+        np.testing.assert_array_equal(population["text_content"].isel(sample=index).values, one["text_content"].values)
+    back = read_dataset(write_dataset(population, tmp_path / "text.nc"))
+    np.testing.assert_array_equal(back["text_content"].values, population["text_content"].values)
+    assert run_check(population, "text_share", {"min": 0.99, "over": "samples", "mostly": 0.2}).status == "pass"
+
+
+def test_text_share_on_a_population_takes_each_sample_s_own_content_tokens():
+    # every query frame sends 1/3 of its text attention to each of tokens 0-2; the first prompt fills tokens 0-1, the second 0-2
+    attrs = {**{key: "unknown" for key in REQUIRED_ATTRS}, "mask": "bidirectional", "block_size": 3,
+             "prompt_embedding_fingerprint": "x", "created": "now"}
+    text = np.zeros((1, 1, 1, 2, 4), dtype=np.float32)
+    text[..., :3] = 1 / 3
+    datasets = [build_dataset({"logits": np.zeros((1, 1, 1, 2, 2), dtype=np.float32)}, steps=[0], timesteps=[999.0], layers=[0],
+                              attrs=attrs, text_mass=text, text_content=content) for content in ([1, 1, 0, 0], [1, 1, 1, 0])]
+    result = run_check(stack_samples(datasets, [("a short prompt", 0), ("a longer prompt", 0)]), "text_share",
+                       {"metric": "text_mass", "min": 0.9})
+    assert result.status == "fail"
+    assert {v.location["sample"] for v in result.violations} == {0}

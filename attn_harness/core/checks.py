@@ -497,6 +497,51 @@ def sink_heads(da: xr.DataArray, params: dict) -> Evaluated:
     ))
 
 
+def _types_across_samples(kinds: xr.DataArray, expected_of: dict[int, str], params: dict) -> Evaluation:
+    """``stable_across: samples``: per head (step, layer, head), the share of samples that give it its expected
+    type, or else its most common one, must reach ``mostly`` (its lower Wilson bound with ``over: samples``)."""
+    if SAMPLE_DIM not in kinds.dims:
+        raise HarnessError("head_types: stable_across: samples needs a population extraction (probe prompts/seeds)")
+    kinds = kinds.transpose(SAMPLE_DIM, ..., "head")
+    total = kinds.sizes[SAMPLE_DIM]
+    counts = np.stack([(kinds.values == t).sum(0) for t in metrics.HEAD_TYPES])  # [type, step, layer, head]
+    reference = np.asarray(metrics.HEAD_TYPES, dtype=object)[counts.argmax(0)]
+    for index, head in enumerate(kinds["head"].values):
+        reference[..., index] = expected_of.get(int(head), reference[..., index])
+    agree = (kinds.values == reference).sum(0)
+    if params["over"] == "samples":
+        bounds = np.vectorize(lambda n: wilson_lower_bound(int(n), total, params["confidence"]), otypes=[float])(agree)
+        stable = bounds >= params["mostly"]
+        best = wilson_lower_bound(total, total, params["confidence"])
+        needs = (f"in at least {params['mostly']:.0%} of samples (lower Wilson bound at {params['confidence']:.0%}; "
+                 f"at most {best:.3f} with {total} samples)")
+    else:
+        stable = agree >= params["mostly"] * total
+        needs = "in every sample" if params["mostly"] == 1 else f"in at least {params['mostly']:.0%} of samples"
+    labels = [f"sample={i} (prompt {str(p)!r}, seed {int(s)})" for i, (p, s) in
+              enumerate(zip(kinds["prompt"].values, kinds["seed"].values))]
+    per_head = kinds.isel({SAMPLE_DIM: 0}, drop=True).drop_vars(["prompt", "seed"], errors="ignore")
+    bad, wanted = per_head.copy(data=~stable), per_head.copy(data=reference)
+
+    def note(loc: dict) -> str:
+        seen, want = kinds.sel(loc).values, wanted.sel(loc).item()
+        tally = ", ".join(f"{t} in {int((seen == t).sum())}" for t in metrics.HEAD_TYPES if (seen == t).any())
+        others = [label for label, t in zip(labels, seen) if t != want]
+        listed = ", ".join(others[:MAX_LISTED]) + (f" and {len(others) - MAX_LISTED} more" if len(others) > MAX_LISTED else "")
+        bound = f"; lower bound {wilson_lower_bound(len(seen) - len(others), total, params['confidence']):.3f}"
+        return (f"{tally} of {total} samples" + (f"; not {want}: {listed}" if others else "")
+                + (bound if params["over"] == "samples" else ""))
+
+    return Evaluation(
+        unit="heads across samples",
+        units=int(bad.size),
+        failing=int(bad.sum()),
+        violations=_collect(bad, per_head.copy(data=agree / total), lambda loc: f"{wanted.sel(loc).item()} {needs}", note),
+        observed=f"{int(stable.sum())} of {stable.size} heads keep their type across {total} samples",
+        expected=f"every head keeps its {'listed' if expected_of else 'most common'} type {needs}",
+    )
+
+
 def head_types(da: xr.DataArray, params: dict, *, aligned_mass: xr.DataArray) -> Evaluated:
     thresholds = {name: params[name] for name in metrics.HEAD_TYPE_THRESHOLDS}
     if not all(np.isfinite(value) for value in thresholds.values()):
@@ -514,6 +559,8 @@ def head_types(da: xr.DataArray, params: dict, *, aligned_mass: xr.DataArray) ->
     unknown = sorted(set(expected_of) - set(int(h) for h in kinds["head"].values))
     if unknown:
         raise HarnessError(f"head_types: expected heads {unknown} are not among the checked heads")
+    if params["stable_across"] == "samples":
+        return _types_across_samples(kinds, expected_of, params)
     listed = xr.DataArray([int(h) in expected_of for h in kinds["head"].values], dims="head", coords={"head": kinds["head"]})
     want = xr.DataArray([expected_of.get(int(h), "") for h in kinds["head"].values], dims="head", coords={"head": kinds["head"]})
     bad = listed & (kinds != want)
@@ -681,10 +728,13 @@ _register(Property(
     formula="per head, over query frames a >= 1: first = mass[a, 0], own = mass[a, a], aligned = "
     "sum over b != a of aligned_mass[a, b]; type = sink if first >= sink, else spatial if own >= spatial, "
     "else temporal if aligned >= temporal, else mixed; the listed heads must have their type "
-    "(and with stable_across: steps, every head keeps one type at every step)",
+    "(and with stable_across: steps, every head keeps one type at every step; with stable_across: samples, "
+    "in every sample of a population, or in a share mostly of them)",
     params={
         "expected": Param("type_map", None, "head index -> sink, spatial, temporal or mixed", metrics.HEAD_TYPES),
-        "stable_across": Param("choice", None, "every head keeps its type across these", ("steps",)),
+        "stable_across": Param("choice", None, "every head keeps its type across these (samples: in every sample, "
+                               "or in at least mostly of them, by its lower Wilson bound with over: samples)",
+                               ("steps", "samples")),
         **{name: Param("number", value, f"share at which a head counts as {name}", low=0, high=1)
            for name, value in metrics.HEAD_TYPE_THRESHOLDS.items()},
     },
@@ -856,7 +906,10 @@ def run_check(ds: xr.Dataset, name: str, params: Mapping[str, Any], *, layer: in
     if not 0 < params["confidence"] < 1:
         raise HarnessError(f"{name}: confidence must be in (0, 1); got {params['confidence']}")
     extra = {var: _select(ds, {**params, "metric": var}, layer) for var in prop.uses}
-    if SAMPLE_DIM not in da.dims:
+    if params.get("stable_across") == "samples":  # the property compares the samples; mostly was per head
+        ev = prop.fn(da, params, **extra)
+        ok, head = _verdict(name, {**params, "mostly": 1.0}, ev)
+    elif SAMPLE_DIM not in da.dims:
         ev = prop.fn(da, params, **extra)
         ok, head = _verdict(name, params, ev)
     else:

@@ -164,8 +164,7 @@ class Probe:
         if len(set(self.samples())) != len(self.samples()):
             raise ProbeError("prompts", "prompts and seeds must not repeat: each (prompt, seed) sample appears once")
         unsupported = [key for key, used in (("mode: rollout", self.mode == "rollout"), ("prompt_embeds", self.prompt_embeds),
-                                             ("denoising_timesteps", self.denoising_timesteps),
-                                             ("metrics: text_mass", TEXT_METRIC in self.metrics)) if used]
+                                             ("denoising_timesteps", self.denoising_timesteps)) if used]
         if self.is_population and unsupported:
             raise ProbeError("prompts", "populations (prompts/seeds) run teacher-forced with the UniPC sampler from "
                              f"prompt text; drop {', '.join(unsupported)} or the population")

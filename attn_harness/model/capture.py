@@ -145,7 +145,8 @@ def _row_logsumexp(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, grou
 def _aligned_mass(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, groups) -> torch.Tensor:
     """``aligned_mass[a, b]``: mean over the queries of frame a of the probability each sends to
     the key at its own spatial position in frame b. Exact: p = exp(score - row logsumexp), so
-    beyond the logsumexp only frames x tokens scores are computed. Hidden cells are 0.
+    beyond the logsumexp only frames x tokens scores are computed, one batched matmul per block
+    of query frames (at most ``LSE_BLOCK_ELEMENTS`` scores at once). Hidden cells are 0.
     """
     batch, tokens, heads, head_dim = q.shape
     num_frames = tokens // tokens_per_frame
@@ -155,11 +156,15 @@ def _aligned_mass(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, group
     scale = 1.0 / math.sqrt(head_dim)
     out = torch.zeros(batch, heads, num_frames, num_frames, dtype=STAT_DTYPE, device=q.device)
     for query_frames, key_frames in groups:
-        keys = k_frames[:, key_frames].to(STAT_DTYPE)  # [batch, key frame, position, head, dim]
-        for a in query_frames:
-            scores = torch.einsum("bphd,bfphd->bhfp", q_frames[:, a].to(STAT_DTYPE), keys) * scale
-            probs = torch.exp(scores - lse[:, :, a, None, :])
-            out[:, :, a, key_frames] = probs.mean(-1)
+        keys = k_frames[:, key_frames].to(STAT_DTYPE).permute(0, 2, 3, 4, 1)  # [batch, position, head, dim, key frame]
+        columns = torch.tensor(key_frames, device=q.device)[None, :]
+        block = max(1, LSE_BLOCK_ELEMENTS // (batch * tokens_per_frame * heads * len(key_frames)))
+        for a0 in range(0, len(query_frames), block):
+            rows = torch.tensor(query_frames[a0 : a0 + block], device=q.device)
+            queries = q_frames[:, rows].to(STAT_DTYPE).permute(0, 2, 3, 1, 4)  # [batch, position, head, query frame, dim]
+            scores = torch.matmul(queries, keys) * scale  # [batch, position, head, query frame, key frame]
+            probs = torch.exp(scores - lse[:, :, rows].permute(0, 3, 1, 2)[..., None])
+            out[:, :, rows[:, None], columns] = probs.mean(1)
     return out
 
 

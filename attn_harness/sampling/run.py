@@ -152,15 +152,18 @@ class RunSetup:
         return {"cond": self.cond} | ({"uncond": self.uncond} if self.uncond is not None else {})
 
 
-def prepare_run(loaded: LoadedModel, probe: Probe) -> RunSetup:
-    """Resolve ``probe`` against ``loaded``: device, geometry, layers, text embeddings and noise."""
+def prepare_run(loaded: LoadedModel, probe: Probe, text: Conditioning | None = None) -> RunSetup:
+    """Resolve ``probe`` against ``loaded``: device, geometry, layers, text embeddings and noise.
+
+    ``text``: the probe's embeddings when already encoded (a population encodes each prompt once).
+    """
     device = resolve_device(probe.device)
     dtype = DTYPES[probe.dtype]
     if probe.branch == "uncond" and probe.guidance <= 1.0:
         raise HarnessError("branch 'uncond' needs guidance > 1 (without guidance there is no unconditional pass)")
     geo = probe_geometry(probe, loaded)
     layers = resolve_layers(probe.layers, len(loaded.transformer.blocks))
-    text = conditioning(loaded, probe)
+    text = conditioning(loaded, probe) if text is None else text
     shape = (1, loaded.config["in_channels"], geo["latent_frames"], geo["latent_height"], geo["latent_width"])
     generator = torch.Generator().manual_seed(probe.seed)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)

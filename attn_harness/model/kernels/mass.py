@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+FP_FUSION = True  # fused multiply-adds, as measured; explicit because Triton 3.10 changes the default
+
 LOG2E = math.log2(math.e)
 
 
@@ -254,7 +256,7 @@ class _Launch:
             TPF=self.tokens_per_frame, D=self.q.shape[-1], BLOCK_M=self.block_m, BLOCK_N=self.block_n,
             BLOCK_D=self.block_d, STATIC=self.static, TAIL=(hi - lo) % self.block_n != 0,
             FULL_TILES=(hi - lo) // self.block_n if self.static else 0,  # 0 on the GPU: one compiled kernel
-            PRECISION=self.precision, UPCAST=self.upcast, num_warps=self.num_warps, num_stages=self.config.num_stages,
+            PRECISION=self.precision, UPCAST=self.upcast, num_warps=self.num_warps, num_stages=self.config.num_stages, enable_fp_fusion=FP_FUSION,
         ), lo, hi
 
     def strides(self) -> tuple[int, ...]:
@@ -339,7 +341,7 @@ def frame_mass(
                 F_PAD=f_pad, STATIC=launch.static, RUN_FRAMES=run[1] - run[0] if launch.static else 0,
                 FULL_TILES=tokens_per_frame // block_n,
                 TAIL=tokens_per_frame % block_n != 0, PRECISION=launch.precision, UPCAST=launch.upcast,
-                num_warps=launch.num_warps, num_stages=config.num_stages,
+                num_warps=launch.num_warps, num_stages=config.num_stages, enable_fp_fusion=FP_FUSION,
             )
             total += part.sum(2)
         rows = torch.tensor(list(query_list), device=device)
