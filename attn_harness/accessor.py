@@ -1,8 +1,8 @@
 """The ``ds.attn`` accessor: the seed notebook's statistics, figures and checks on any extraction.
 
-Registered by ``import attn_harness`` (on xarray, which this module imports on first use of ``ds.attn``). Everything here works on the Dataset of the data
-contract (docs/design.md, "Data contract") and stays torch-free, so a notebook that only reads
-``.nc`` files never loads torch::
+Registered by ``import attn_harness`` (on xarray, which this module imports on first use of
+``ds.attn``). Everything here works on the Dataset of the data contract (docs/design.md, "Data
+contract") and stays torch-free, so a notebook that only reads ``.nc`` files never loads torch::
 
     ds = attn_harness.read_dataset("x.nc")
     ds.attn.stats(layer=3)                          # the seed's statistics table

@@ -11,16 +11,16 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from attn_harness import __version__
 from attn_harness.cli_drift import add_drift
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import PROBE_FIELDS, Probe, ProbeError
 from attn_harness.core.schema import LEGACY_MASKS
-from attn_harness.report.settings import DEFAULT_TOP, FLIP_MARGIN, SINK_HEAD_THRESHOLD
 from attn_harness.core.vocabulary import DEFAULT_STEP, REQUIRED, FieldError, parse_layers, parse_step, step_index
+from attn_harness.report.settings import DEFAULT_TOP, FLIP_MARGIN, SINK_HEAD_THRESHOLD
 
 EMBEDDED_NAMES = "tiny-random, tiny-trained, tiny-trained-causal"  # attn_harness.model.models.EMBEDDED
 
@@ -168,8 +168,8 @@ def _add_extract(sub) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from attn_harness.sampling.extract import extract
     from attn_harness.core.store import write_dataset
+    from attn_harness.sampling.extract import extract
 
     probe = probe_from_args(args)
     _refuse_overwrite(args.out, [args.model, args.base_model, probe.prompt_embeds])
@@ -198,7 +198,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--seeds", type=_field_arg("seeds"), default=[Probe().seed], help="noise seeds, e.g. 0-3,7 (default 0)")
     p.add_argument("--base-model", default=None, help="model dir giving training checkpoints their architecture and text encoder")
     p.add_argument("--out", type=Path, required=True, help="sweep directory: parts/, sweep.log, sweep.nc, report.html")
-    p.add_argument("--scheduler", default="local:1", help="local:N (a cluster of N workers here; one per GPU on CUDA) or a scheduler address")
+    p.add_argument("--scheduler", default="local:1",
+                   help="local:N (a cluster of N workers here; one per GPU on CUDA) or a scheduler address")
     p.add_argument("--threads", type=int, default=None, help="torch threads per local worker (default: cores / workers)")
     p.add_argument("--retries", type=int, default=2, help="times Dask reruns a part whose task raised")
     p.add_argument("--resources", default="", help="what each task needs of a worker on an existing cluster, e.g. GPU=1")
@@ -246,8 +247,8 @@ def _add_import_legacy(sub) -> None:
 
 
 def cmd_import_legacy(args: argparse.Namespace) -> int:
-    from attn_harness.model.legacy import import_legacy
     from attn_harness.core.store import write_dataset
+    from attn_harness.model.legacy import import_legacy
 
     _refuse_overwrite(args.out, [args.file])
     ds = import_legacy(args.file, mask=args.mask)
@@ -346,8 +347,8 @@ def _add_plot(sub) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from attn_harness.report.figures import plot_layer
     from attn_harness.core.store import read_dataset
+    from attn_harness.report.figures import plot_layer
 
     if args.out.exists() and not args.out.is_dir():
         raise HarnessError(f"--out {args.out} is a file; give a directory for the figures")
@@ -404,8 +405,8 @@ def _top(text: str) -> int | None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from attn_harness.report.html import render_compare
     from attn_harness.core.store import read_dataset
+    from attn_harness.report.html import render_compare
 
     labels = tuple(part.strip() for part in args.labels.split(","))
     if len(labels) != 2 or not all(labels):

@@ -19,8 +19,8 @@ import time
 import torch
 from diffusers import UniPCMultistepScheduler
 
-from benchmarks.shapes import SMOKE, WAN_1_3B, Shape, build_model, model_inputs
 from attn_harness.model.capture import Recorder, capture
+from benchmarks.shapes import SMOKE, WAN_1_3B, Shape, build_model, model_inputs
 
 SHAPES = {"wan": WAN_1_3B, "tiny": SMOKE}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from attn_harness.model.capture import (
-    CaptureProcessor, Recorder, _mass, _take, _token_index, frame_stats, mask_groups, processors_installed,
+    CaptureProcessor,
+    Recorder,
+    _mass,
+    _take,
+    _token_index,
+    frame_stats,
+    mask_groups,
+    processors_installed,
 )
 from attn_harness.model.kernels.mass import TileConfig, frame_mass
 from attn_harness.model.kernels.sdpa_lse import attention_with_lse
@@ -106,7 +113,8 @@ def errors(device: str) -> list[dict]:
     scores = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) / math.sqrt(HEAD_DIM)
     out = []
     for label, mask in (("bidirectional", None), ("block-causal", block_causal_mask(frames, 2).to(device))):
-        s = scores if mask is None else scores.masked_fill(~mask.repeat_interleave(TPF, 0).repeat_interleave(TPF, 1), float("-inf"))
+        s = (scores if mask is None
+             else scores.masked_fill(~mask.repeat_interleave(TPF, 0).repeat_interleave(TPF, 1), float("-inf")))
         want = s.softmax(-1).unflatten(2, (frames, TPF)).unflatten(4, (frames, TPF)).sum(5).mean(3)
         lse = _masked_lse(q, k, v, mask)
         groups = mask_groups(mask, frames)
@@ -133,8 +141,9 @@ def run_layer(*, reps: int, warmup: int, env: dict, device: str) -> list[dict]:
     records += [{"name": f"kernels/layer/{label}", "skipped": why} for label, why in missing.items()]
     for name, call in cases.items():
         records.append({
-            "name": f"kernels/layer-peak-memory/{name}", "section": "kernels-layer-memory", "median_bytes": _peak_extra(call, device),
-            "spread": None, "reps": 1, "note": "torch.cuda.max_memory_allocated growth over allocated before the call", **params, "env": env,
+            "name": f"kernels/layer-peak-memory/{name}", "section": "kernels-layer-memory",
+            "median_bytes": _peak_extra(call, device), "spread": None, "reps": 1,
+            "note": "torch.cuda.max_memory_allocated growth over allocated before the call", **params, "env": env,
         })
     lse = attention_with_lse(q, k, v)[1]
     if lse is not None:
@@ -165,7 +174,8 @@ class _LseRecorder(Recorder):
                 lse = parts[0]
             else:
                 lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("inf"), device=q.device)
-                for (query_frames, _), part in zip(mask_groups(self.mask.to(q.device), q.shape[1] // self.tokens_per_frame), parts):
+                for (query_frames, _), part in zip(mask_groups(self.mask.to(q.device), q.shape[1] // self.tokens_per_frame),
+                                                   parts):
                     lse[:, :, _token_index(query_frames, self.tokens_per_frame, q.device)] = part
         stats = frame_stats(q, k, self.tokens_per_frame, mask=self.mask, metrics=self.metrics, lse=lse)
         self.records[(self.step, layer)] = {name: value.detach().cpu() for name, value in stats.items()}
@@ -192,7 +202,8 @@ def model_cases(model, inputs: dict, mask: torch.Tensor | None, tokens_per_frame
 
     def forward(metrics: tuple[str, ...], chosen: list[int], one_pass: bool):
         def call():
-            recorder = (_LseRecorder if one_pass else Recorder)(tokens_per_frame=tokens_per_frame, metrics=metrics, mask=mask, active=True)
+            recorder = (_LseRecorder if one_pass else Recorder)(tokens_per_frame=tokens_per_frame, metrics=metrics, mask=mask,
+                                                                active=True)
             make = _LseProcessor if one_pass else CaptureProcessor
 
             def processor(index: int):
@@ -231,4 +242,5 @@ def run_model(*, reps: int, warmup: int, env: dict, device: str) -> list[dict]:
 
 
 def run(*, reps: int, warmup: int, env: dict, device: str) -> list[dict]:
-    return run_layer(reps=reps, warmup=warmup, env=env, device=device) + run_model(reps=reps, warmup=warmup, env=env, device=device)
+    return (run_layer(reps=reps, warmup=warmup, env=env, device=device)
+            + run_model(reps=reps, warmup=warmup, env=env, device=device))

@@ -57,14 +57,17 @@ def run(token_counts: list[int], tokens_per_frame: int, *, reps: int, warmup: in
         for tokens in token_counts:
             q, k = _qk(tokens, dtype)
             samples = interleaved({m: _call(m, q, k, tokens_per_frame) for m in ("copy", "sums")}, reps=reps, warmup=warmup)
-            params = {"tokens": tokens, "tokens_per_frame": tokens_per_frame, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": dtype_name}
-            records += timing_records("logits-cpu-time", samples, "copy", env, params, prefix=f"logits-cpu/time/{dtype_name}/{tokens}/")
+            params = {"tokens": tokens, "tokens_per_frame": tokens_per_frame, "heads": HEADS, "head_dim": HEAD_DIM,
+                      "dtype": dtype_name}
+            records += timing_records("logits-cpu-time", samples, "copy", env, params,
+                                      prefix=f"logits-cpu/time/{dtype_name}/{tokens}/")
             del q, k
             peaks = {m: peak_extra_bytes(m, tokens, tokens_per_frame, dtype_name) for m in ("copy", "sums")}
             for method, peak in peaks.items():
                 records.append({
                     "name": f"logits-cpu/peak-memory/{dtype_name}/{tokens}/{method}", "section": "logits-cpu-memory",
-                    "median_bytes": peak, "spread": None, "reps": 1, "baseline": f"logits-cpu/peak-memory/{dtype_name}/{tokens}/copy",
+                    "median_bytes": peak, "spread": None, "reps": 1,
+                    "baseline": f"logits-cpu/peak-memory/{dtype_name}/{tokens}/copy",
                     "ratio": peak / peaks["copy"] if peaks["copy"] else None, **params,
                     "measured_with": "VmHWM growth over VmRSS before the call, fresh subprocess", "env": env,
                 })

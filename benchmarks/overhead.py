@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import torch
 
+from attn_harness.model.capture import Recorder, capture
 from benchmarks.shapes import Shape, build_model, model_inputs
 from benchmarks.timing import interleaved, timing_records
-from attn_harness.model.capture import Recorder, capture
 
 VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "logits/one-layer": (("logits",), "one"),

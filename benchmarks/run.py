@@ -43,9 +43,11 @@ class Profile:
 
 PROFILES = {
     "full": Profile(
-        5, 1, (EMBEDDED, MID), (1560, 3120, 4680, 7800), (1560, 3120, 4680, 7800), 1560, (2, 3, 4, 5), 1560, (3, 6, 12, 21), 5, sweep_reps=3
+        5, 1, (EMBEDDED, MID), (1560, 3120, 4680, 7800), (1560, 3120, 4680, 7800), 1560, (2, 3, 4, 5), 1560, (3, 6, 12, 21), 5,
+        sweep_reps=3
     ),
-    "quick": Profile(5, 1, (EMBEDDED, MID_QUICK), (1560, 3120), (1560, 7800), 1560, (1, 2, 3, 4), 780, (3, 6, 12, 21), 1, sweep_reps=2),
+    "quick": Profile(5, 1, (EMBEDDED, MID_QUICK), (1560, 3120), (1560, 7800), 1560, (1, 2, 3, 4), 780, (3, 6, 12, 21), 1,
+                     sweep_reps=2),
     "smoke": Profile(5, 1, (SMOKE,), (8, 16), (), 4, (1, 2, 3, 4), 4, (1, 2, 4, 8), 0, (16, 32), sweep_reps=0,
                      population_cut=(2, 1, 2)),
 }
@@ -74,10 +76,12 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
         timing = {"reps": profile.reps, "warmup": profile.warmup, "env": env}
         records += scaling.run(list(profile.scaling_frames), profile.scaling_tokens_per_frame, **timing)
         log(f"[scaling] logits alone on {profile.logits_frames} frames of {profile.scaling_tokens_per_frame} tokens")
-        records += scaling.run_logits_wide(list(profile.logits_frames), profile.scaling_tokens_per_frame, reps=profile.reps, warmup=profile.warmup, env=env)
+        records += scaling.run_logits_wide(list(profile.logits_frames), profile.scaling_tokens_per_frame, reps=profile.reps,
+                                           warmup=profile.warmup, env=env)
     if "logits-cpu" in sections:
         log(f"[logits-cpu] per-frame sums vs float32 copies at {profile.logits_cpu_tokens} tokens")
-        records += logits_cpu.run(list(profile.logits_cpu_tokens), profile.seed_tokens_per_frame, reps=profile.reps, warmup=profile.warmup, env=env)
+        records += logits_cpu.run(list(profile.logits_cpu_tokens), profile.seed_tokens_per_frame, reps=profile.reps,
+                                  warmup=profile.warmup, env=env)
     if "kernels" in sections:
         if device.startswith("cuda"):
             from benchmarks import kernels_gpu  # imports Triton
@@ -90,7 +94,8 @@ def run(profile: Profile, sections: tuple[str, ...], *, device: str, specs: Path
         log(f"[e2e] pytest {specs}: cold cache, warm cache, warm with report, collect-only")
         records += e2e.run(specs, reps=profile.e2e_reps, env=env)
     if "sweep" in sections and profile.sweep_reps:
-        log(f"[sweep] {len(sweep.MODELS)} models x {len(sweep.PROMPTS)} prompts x {len(sweep.SEEDS)} seeds: 2 workers vs 1 (1 torch thread each)")
+        log(f"[sweep] {len(sweep.MODELS)} models x {len(sweep.PROMPTS)} prompts x {len(sweep.SEEDS)} seeds: "
+            "2 workers vs 1 (1 torch thread each)")
         records += sweep.run(reps=profile.sweep_reps, env=env)
     if "population" in sections:
         probe = population.population_probe(specs, device, *profile.population_cut)
@@ -156,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: checks the machinery only (used by the tests)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the records to FILE")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    parser.add_argument("--device", default="cpu", help="device for the capture-overhead section (cuda adds the full Wan2.1-1.3B shape) and the kernels section (cuda only)")
+    parser.add_argument("--device", default="cpu",
+                        help="device for the capture-overhead section (cuda adds the full Wan2.1-1.3B shape) "
+                             "and the kernels section (cuda only)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--specs", type=Path, default=Path("specs"), help="spec directory for the e2e section")
     args = parser.parse_args(argv)

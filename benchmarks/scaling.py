@@ -13,9 +13,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from attn_harness.model.capture import frame_stats
 from benchmarks.seed_method import HEAD_DIM, HEADS, make_qk
 from benchmarks.timing import interleaved, summary, timing_records
-from attn_harness.model.capture import frame_stats
 
 
 def fitted_exponent(tokens: list[int], seconds: list[float]) -> float:

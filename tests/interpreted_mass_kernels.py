@@ -108,7 +108,8 @@ def test_frames_of_one_token_and_many_key_frames():
 def test_query_frames_without_allowed_keys_get_zero_mass_and_others_their_keys_only():
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 1, 4 * 5, 2, 8, generator=gen)
-    mask = torch.tensor([[False, False, False, False], [True, False, True, False], [True, True, True, True], [False, False, False, True]])
+    mask = torch.tensor([[False, False, False, False], [True, False, True, False], [True, True, True, True],
+                         [False, False, False, True]])
     mass = kernel_mass(q, k, 5, mask)
     assert torch.all(mass[..., 0, :] == 0)
     assert torch.all(mass[..., ~mask] == 0)

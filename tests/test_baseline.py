@@ -7,9 +7,9 @@ import pytest
 import xarray as xr
 
 from attn_harness.core import store
-from attn_harness.pytest.baseline import check_baseline, compare, layer_slice, obtained_file
 from attn_harness.core.schema import REQUIRED_ATTRS, build_dataset
 from attn_harness.core.spec import DEFAULT_TOLERANCES, Tolerance
+from attn_harness.pytest.baseline import check_baseline, compare, layer_slice, obtained_file
 
 
 def make_ds(seed: int = 0, **attrs):
@@ -224,7 +224,9 @@ def test_regen_all_keeps_a_baseline_within_tolerance_and_rewrites_on_a_real_chan
     done = check(moved, cpu_baseline, Options(regen_all=True))
     assert done.action == "kept" and cpu_baseline.stat().st_mtime_ns == stat.st_mtime_ns
     done = check(layer_slice(make_ds(checkpoint_fingerprint="def"), 3), cpu_baseline, Options(regen_all=True))
-    assert done.action == "rewritten" and "provenance changed: checkpoint_fingerprint: baseline 'abc' vs obtained 'def'" in done.reason
+    assert done.action == "rewritten" and (
+        "provenance changed: checkpoint_fingerprint: baseline 'abc' vs obtained 'def'" in done.reason
+    )
     changed = layer_slice(make_ds(checkpoint_fingerprint="def"), 3)
     changed["logits"] = changed["logits"] + 0.01
     done = check(changed, cpu_baseline, Options(regen_all=True))

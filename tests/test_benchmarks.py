@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from attn_harness.model.capture import frame_stats
 from benchmarks import run as runner
 from benchmarks.overhead import VARIANTS
 from benchmarks.scaling import fitted_exponent
 from benchmarks.seed_method import make_qk, naive_bytes, naive_frame_logits, peak_extra_bytes
 from benchmarks.timing import timing_records
-from attn_harness.model.capture import frame_stats
 
 
 @pytest.fixture(scope="module")

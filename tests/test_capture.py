@@ -17,9 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attn_harness.model.capture import Recorder, capture, frame_stats
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import block_causal_mask
+from attn_harness.model.capture import Recorder, capture, frame_stats
 from attn_harness.model.models import build_tiny_random
 from tests.oracle import brute_force_stats, reference_qk
 

@@ -12,9 +12,9 @@ import torch
 import xarray as xr
 
 from attn_harness.cli import build_parser, main, parse_int_list, probe_from_args
-from attn_harness.core.vocabulary import DEFAULT_STEP
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.store import read_dataset
+from attn_harness.core.vocabulary import DEFAULT_STEP
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import re
 
 import numpy as np
 import pytest
-from tests.test_figures import oracle_sink, planted_dataset
 
 from attn_harness.cli import main
 from attn_harness.core import metrics
@@ -19,6 +18,7 @@ from attn_harness.core.store import write_dataset
 from attn_harness.report import compare
 from attn_harness.report.html import render_compare
 from attn_harness.report.settings import DEFAULT_TOP
+from tests.test_figures import oracle_sink, planted_dataset
 
 TOL = 1e-5
 

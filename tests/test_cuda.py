@@ -14,7 +14,6 @@ from attn_harness.core.spec import load_specs
 from attn_harness.model.models import load_model
 from attn_harness.pytest.baseline import compare, layer_slice
 from attn_harness.sampling.extract import extract
-
 from tests.test_baseline_sensitivity import LAYER, scale_query
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from attn_harness.core.checks import run_check
-from attn_harness.sampling.extract import extract
-from attn_harness.model.models import EMBEDDED
 from attn_harness.core.spec import load_specs, resolve_model
+from attn_harness.model.models import EMBEDDED
+from attn_harness.sampling.extract import extract
 
 SPEC_FILE = Path(__file__).resolve().parents[1] / "specs" / "tiny_default.yaml"
 STRUCTURAL = {"sink_heads", "sink_score", "diagonal_dominance", "temporal_decay"}

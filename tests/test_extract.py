@@ -8,11 +8,11 @@ import torch
 
 from attn_harness.core import schema
 from attn_harness.core.errors import HarnessError
-from attn_harness.sampling.extract import extract
-from attn_harness.sampling.run import resolve_steps
-from attn_harness.model.models import load_model
 from attn_harness.core.probe import Probe
 from attn_harness.core.store import validate
+from attn_harness.model.models import load_model
+from attn_harness.sampling.extract import extract
+from attn_harness.sampling.run import resolve_steps
 from tests.oracle import brute_force_stats, reference_qk
 
 QUICK = Probe(sample_steps=4)
@@ -136,7 +136,8 @@ def _bf16_attention_runs() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _bf16_attention_runs(), reason="CPU bfloat16 SDPA is broken in PyTorch under this forced ATEN_CPU_CAPABILITY")
+@pytest.mark.skipif(not _bf16_attention_runs(),
+                    reason="CPU bfloat16 SDPA is broken in PyTorch under this forced ATEN_CPU_CAPABILITY")
 def test_bfloat16_keeps_diffusers_float32_modules(tiny):
     bf16 = load_model("tiny-random", dtype=torch.bfloat16).transformer
     assert bf16.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16

@@ -18,8 +18,8 @@ from PIL import Image
 
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import block_causal_mask
-from attn_harness.report import figures
 from attn_harness.core.schema import REQUIRED_ATTRS, build_dataset
+from attn_harness.report import figures
 
 TOL = 1e-5
 
@@ -181,7 +181,8 @@ def test_head_bars_plot_the_query_profile_with_the_sink_score_in_each_title():
         assert ax.get_title() == f"H{head} (sink={sinks[head]:+.2f})"
     assert sinks[0] > 3.0 > abs(sinks[1])
     assert fig.get_suptitle() == "Layer 0, step 0: logits, mean over query frames [6, 7, 8] (latent) per key frame"
-    assert [ax.get_ylabel() for ax in panels] == ["mean attention logit (block mean)", "", "mean attention logit (block mean)", ""]
+    assert [ax.get_ylabel() for ax in panels] == ["mean attention logit (block mean)", "",
+                                                  "mean attention logit (block mean)", ""]
 
 
 def test_stats_table_lists_every_head_with_the_seed_statistics():

@@ -125,7 +125,8 @@ def test_the_gpu_variant_of_the_kernels_compiles_for_hopper_without_a_gpu(dtype)
                   PRECISION="tf32", UPCAST=False)
     kernels = {
         mass._row_stats_kernel: ({"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "m_ptr": "*fp32", "log2l_ptr": "*fp32",
-                                  "qframes_ptr": "*i32", "key_lo": "i32", "key_hi": "i32", "full_tiles": "i32", "c": "fp32"}, shared),
+                                  "qframes_ptr": "*i32", "key_lo": "i32", "key_hi": "i32", "full_tiles": "i32",
+                                  "c": "fp32"}, shared),
         mass._mass_kernel: ({"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "shift_ptr": "*fp32", "log2l_ptr": "*fp32",
                              "part_ptr": "*fp32", "qframes_ptr": "*i32", "key_frame_lo": "i32", "run_frames": "i32", "c": "fp32"},
                             {**shared, "F_PAD": 32, "RUN_FRAMES": 0, "FULL_TILES": 24}),
@@ -160,7 +161,8 @@ def test_frame_stats_on_cuda_equal_the_float64_brute_force(dtype, mask_kind, fra
     torch.testing.assert_close(got["logits"].cpu().double().nan_to_num(), want["logits"].nan_to_num(), atol=1e-5 * scale, rtol=0)
 
 
-@pytest.mark.parametrize(("dtype", "shape"), [(torch.bfloat16, (1, 32760, 12, 128)), (torch.bfloat16, (1, 144, 4, 32)), (torch.float16, (1, 144, 4, 32))])
+@pytest.mark.parametrize(("dtype", "shape"), [(torch.bfloat16, (1, 32760, 12, 128)), (torch.bfloat16, (1, 144, 4, 32)),
+                                              (torch.float16, (1, 144, 4, 32))])
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_attention_with_lse_is_bitwise_stock_sdpa_and_gives_the_same_mass(dtype, shape):
@@ -213,7 +215,8 @@ def test_the_gpu_benchmarks_one_pass_capture_passes_the_models_logsumexp_and_kee
     def frame_stats_spy(q, k, tokens_per_frame, *, mask=None, metrics=(), lse=None):
         scores = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) / math.sqrt(q.shape[-1])
         if mask is not None:
-            scores = scores.masked_fill(~mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1), float("-inf"))
+            scores = scores.masked_fill(~mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1),
+                                        float("-inf"))
         seen.append(None if lse is None else float((lse.double() - scores.logsumexp(-1)).abs().max()))
         return frame_stats(q, k, tokens_per_frame, mask=mask, metrics=metrics)
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attn_harness.model import layouts
 from attn_harness.core.errors import HarnessError
+from attn_harness.model import layouts
 from attn_harness.model.models import TINY_CONFIG, build_tiny_random, load_model
 
 pytestmark = pytest.mark.numerics  # bitwise/tolerance claims: CI reruns them under forced CPU ISAs

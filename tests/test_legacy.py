@@ -14,8 +14,8 @@ import xarray as xr
 
 import attn_harness
 from attn_harness.core.errors import HarnessError
-from attn_harness.model.legacy import import_legacy
 from attn_harness.core.store import read_dataset, validate, write_dataset
+from attn_harness.model.legacy import import_legacy
 
 HEADS = 12
 FRAMES = 21  # 81 pixel frames -> 21 latent frames

@@ -11,7 +11,8 @@ import torch
 
 from attn_harness.cli import main
 from attn_harness.core.errors import HarnessError
-from attn_harness.sampling.extract import extract
+from attn_harness.core.probe import Probe
+from attn_harness.core.store import read_dataset
 from attn_harness.model.models import (
     FINGERPRINTS_FILE,
     TINY_TEXT_TOKENS,
@@ -23,9 +24,8 @@ from attn_harness.model.models import (
     load_model,
     model_fingerprint,
 )
-from attn_harness.core.probe import Probe
 from attn_harness.model.prompts import save_prompt_embeds
-from attn_harness.core.store import read_dataset
+from attn_harness.sampling.extract import extract
 from tests.test_layouts import to_original, write_original_dir
 
 PROBE = Probe(num_frames=21, height=32, width=32, sample_steps=2, capture_steps=("last",), device="cpu", mask="block-causal")

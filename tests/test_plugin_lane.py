@@ -15,7 +15,8 @@ from attn_harness.pytest.plugin import is_spec_file
 
 pytest_plugins = ["pytester"]
 
-PLUGIN_ARGS = [] if any(ep.name == "attn_harness" for ep in entry_points(group="pytest11")) else ["-p", "attn_harness.pytest.plugin"]
+PLUGIN_ARGS = ([] if any(ep.name == "attn_harness" for ep in entry_points(group="pytest11"))
+               else ["-p", "attn_harness.pytest.plugin"])
 
 OPENAPI = """\
 openapi: 3.0.0
@@ -89,7 +90,8 @@ def test_importing_the_plugin_imports_nothing_heavy():
 def test_a_spec_outside_specs_named_on_the_command_line_is_collected(pytester):
     pytester.makeini("[pytest]\n")
     (pytester.path / "elsewhere").mkdir()
-    (pytester.path / "elsewhere" / "x.yaml").write_text(spec_text(marks="    marks: [{skipif: {condition: \"true\", reason: always}}]\n"))
+    (pytester.path / "elsewhere" / "x.yaml").write_text(
+        spec_text(marks="    marks: [{skipif: {condition: \"true\", reason: always}}]\n"))
     result = run(pytester, "elsewhere/x.yaml", "-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*always (skipif: true)*"])

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.store import read_dataset, write_dataset
-from attn_harness.sampling.extract import extract
-from attn_harness.model.models import TINY_CONFIG, TINY_TEXT_TOKENS, build_tiny_random, hash_prompt_embedding, load_model
 from attn_harness.core.probe import Probe
+from attn_harness.core.store import read_dataset, write_dataset
+from attn_harness.model.models import TINY_CONFIG, TINY_TEXT_TOKENS, build_tiny_random, hash_prompt_embedding, load_model
 from attn_harness.model.prompts import (
     EMBEDS_KEY,
     NEGATIVE_KEY,
@@ -21,6 +20,7 @@ from attn_harness.model.prompts import (
     load_prompt_embeds,
     save_prompt_embeds,
 )
+from attn_harness.sampling.extract import extract
 
 TEXT_DIM = TINY_CONFIG["text_dim"]
 PROBE = Probe(num_frames=9, height=32, width=32, sample_steps=2, capture_steps=("last",), device="cpu", guidance=3.0)
@@ -337,7 +337,8 @@ def test_original_umt5_pth_with_wrong_keys_is_one_error_naming_file_and_keys(tmp
 def test_a_corrupt_embeddings_file_is_one_line_naming_it(tmp_path, suffix):
     path = tmp_path / f"embeds{suffix}"
     path.write_bytes(b"\x08" + bytes(7) + b'{"a": 1}')
-    with pytest.raises(HarnessError, match=f"embeds{suffix} is not a (readable safetensors file|file written by torch.save).*expected prompt embeddings") as info:
+    with pytest.raises(HarnessError, match=f"embeds{suffix} is not a (readable safetensors file|file written by torch.save)"
+                                           ".*expected prompt embeddings") as info:
         load_prompt_embeds(path, TEXT_DIM)
     assert "\n" not in str(info.value)
 

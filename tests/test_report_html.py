@@ -7,8 +7,8 @@ The page is parsed with the standard library's HTMLParser; every data: image is 
 from __future__ import annotations
 
 import base64
-import re
 import io
+import re
 from collections import Counter
 from dataclasses import asdict
 from html.parser import HTMLParser
@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tests.test_figures import planted_dataset
 
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.results import STATUSES
@@ -25,6 +24,7 @@ from attn_harness.core.spec import DEFAULT_TOLERANCES
 from attn_harness.core.store import read_dataset, write_dataset
 from attn_harness.pytest.baseline import layer_slice, variable_differences
 from attn_harness.report.html import OVERVIEW_ALT, render_run_report
+from tests.test_figures import planted_dataset
 
 URL_ATTRS = ("src", "href", "xlink:href", "action", "poster", "data")
 
@@ -221,7 +221,8 @@ def test_failures_show_the_layer_figure_the_regen_command_and_why_figures_are_mi
     assert regen == ["pytest specs/tiny.yaml --attn-regen-baselines -k layer2"]
     alts = [a["alt"] for a in page.find("img")]
     assert alts[0] == OVERVIEW_ALT and alts[1].startswith("Layer 1, step 5")
-    assert [alt.split(" (")[0] for alt in alts if alt.endswith("layer 2, step 0)")] == ["baseline", "obtained", "obtained - baseline"]
+    assert [alt.split(" (")[0] for alt in alts if alt.endswith("layer 2, step 0)")] == [
+        "baseline", "obtained", "obtained - baseline"]
     assert "gone.nc does not exist" in text  # the unreadable dataset is named, not fatal
 
 
@@ -302,7 +303,8 @@ def test_a_failed_baseline_shows_the_worst_step_and_correct_counts_per_variable(
     for variable in ("logits", "mass"):  # brute-force count, default tolerances
         exp, obt = base[variable].values.astype(np.float64), got[variable].values.astype(np.float64)
         tol = DEFAULT_TOLERANCES[variable]
-        oracle = int(np.sum((np.isnan(exp) != np.isnan(obt)) | (np.abs(np.nan_to_num(obt - exp)) > tol.atol + tol.rtol * np.abs(np.nan_to_num(exp)))))
+        oracle = int(np.sum((np.isnan(exp) != np.isnan(obt))
+                            | (np.abs(np.nan_to_num(obt - exp)) > tol.atol + tol.rtol * np.abs(np.nan_to_num(exp)))))
         row = [t for n, a, t in page.texts if n == "td" and "beyond" in a.get("class", "")]
         assert f"{oracle} of {exp.size}" in row
     logits = next(v for v in check["variables"] if v["variable"] == "logits")

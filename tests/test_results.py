@@ -35,7 +35,8 @@ def test_a_record_survives_results_json_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["checks"][0].update(violating=3), r"checks\[0\] \(specs/m.yaml::m::layer3::baseline\): unknown keys \['violating'\]"),
+    (lambda d: d["checks"][0].update(violating=3),
+     r"checks\[0\] \(specs/m.yaml::m::layer3::baseline\): unknown keys \['violating'\]"),
     (lambda d: d["checks"][0].update(status="passed"), r"status 'passed' not in"),
     (lambda d: d["checks"][0]["variables"][0].pop("beyond"), r"variables: .*missing .*'beyond'"),
     (lambda d: d.pop("specs"), r"lacks \['specs'\]"),

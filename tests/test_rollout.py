@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from attn_harness.core import frames
-from attn_harness.model.capture import Recorder, capture
 from attn_harness.core.errors import HarnessError
-from attn_harness.sampling.extract import extract
-from attn_harness.model.models import load_model
-from attn_harness.core.probe import Probe
 from attn_harness.core.frames import blocks
+from attn_harness.core.probe import Probe
+from attn_harness.model.capture import Recorder, capture
+from attn_harness.model.models import load_model
+from attn_harness.sampling.extract import extract
 from attn_harness.sampling.rollout import run_rollout
 
 TOLERANCE = 2e-5  # float32 forward of a 4-layer model; the two routes batch the time embedding differently

@@ -281,7 +281,8 @@ def test_autoregressive_probe_keys_load(tmp_path):
 
 
 def test_capture_steps_and_capture_timesteps_together_name_the_line(tmp_path):
-    text = AUTOREGRESSIVE.replace("      capture_timesteps: [999, 500]\n", "      capture_timesteps: [999, 500]\n      capture_steps: [0]\n")
+    text = AUTOREGRESSIVE.replace("      capture_timesteps: [999, 500]\n",
+                                  "      capture_timesteps: [999, 500]\n      capture_steps: [0]\n")
     err = error_of(tmp_path, text)
     assert err.line == 9 and "capture_steps or capture_timesteps, not both" in str(err)
 

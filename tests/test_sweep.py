@@ -20,10 +20,10 @@ import pytest
 import torch
 import xarray as xr
 
-from attn_harness.core.spec import load_specs
 from attn_harness.cli import main
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.probe import Probe
+from attn_harness.core.spec import load_specs
 from attn_harness.core.sweep_dataset import merge_parts, part_view, read_sweep, training_step_from_name
 from attn_harness.sampling import sweep as sw
 from attn_harness.sampling.extract import extract

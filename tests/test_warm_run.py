@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from attn_harness.core import catalog, store
+from attn_harness.core.spec import DEFAULT_TOLERANCES, load_specs
 from attn_harness.model import models
 from attn_harness.pytest.baseline import check_baseline, layer_slice, matches_baseline, obtained_file
-from attn_harness.core.spec import DEFAULT_TOLERANCES, load_specs
 from attn_harness.sampling.cache import ExtractionCache, resolved_device
 from tests.test_baseline import make_ds
 

@@ -44,7 +44,8 @@ COMMON_PARAMS: dict[str, Param] = {
     "severity": Param("choice", "fail", "a failing warn-check passes with a warning", ("fail", "warn")),
     "over": Param("choice", None, "samples: mostly is the share of samples (prompt, seed) in which the property holds",
                   ("samples",)),
-    "confidence": Param("number", 0.95, "with over: samples, the lower confidence bound (Wilson) of the pass rate must reach mostly",
+    "confidence": Param("number", 0.95,
+                        "with over: samples, the lower confidence bound (Wilson) of the pass rate must reach mostly",
                         low=0.5, high=0.9999),
 }
 
@@ -857,7 +858,8 @@ def wilson_lower_bound(passed: int, total: int, confidence: float) -> float:
     return (centre - spread) / (1 + z * z / total)
 
 
-def _over_samples(name: str, params: dict, per_sample: Sequence[Evaluation], labels: Sequence[str]) -> tuple[Evaluation, bool, str]:
+def _over_samples(name: str, params: dict, per_sample: Sequence[Evaluation],
+                  labels: Sequence[str]) -> tuple[Evaluation, bool, str]:
     """A sample passes when the property holds there entirely; the Wilson bound of the pass rate must reach mostly."""
     failing = [i for i, ev in enumerate(per_sample) if ev.failing]
     total = len(per_sample)
@@ -879,7 +881,8 @@ def _over_samples(name: str, params: dict, per_sample: Sequence[Evaluation], lab
         + (", ".join(labels[i] for i in failing[:MAX_LISTED]) or "none"),
         expected=expected,
     )
-    return ev, ok, f"{name} on {params['metric']} over samples: {len(failing)} of {total} samples violate (lower bound {lower:.3f}, needs {params['mostly']:.0%})"
+    return ev, ok, (f"{name} on {params['metric']} over samples: {len(failing)} of {total} samples violate "
+                    f"(lower bound {lower:.3f}, needs {params['mostly']:.0%})")
 
 
 def _positional(da: xr.DataArray) -> xr.DataArray:

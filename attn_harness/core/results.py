@@ -120,7 +120,8 @@ class Results:
         """Build from a mapping (``results.json``); a missing or unknown key is a ``HarnessError``."""
         missing = [key for key in ("run", "specs", "checks") if key not in data]
         if missing:
-            raise HarnessError(f"results record lacks {missing}; expected keys ['run', 'specs', 'checks'] (see the pytest plugin)")
+            raise HarnessError(f"results record lacks {missing}; expected keys ['run', 'specs', 'checks'] "
+                               "(see the pytest plugin)")
         checks = []
         for index, item in enumerate(data["checks"]):
             where = f"results checks[{index}]"

@@ -476,7 +476,8 @@ def _baseline(ctx: _Ctx, raw: Any, line: int) -> BaselineSpec | None:
             cross_line = _line(raw, "cross_env", line)
             cross_raw = ctx.mapping(raw["cross_env"], "baseline.cross_env", cross_line, tuple(DEFAULT_TOLERANCES))
             cross_env = {
-                var: _tolerance(ctx, cross_raw[var], var, _line(cross_raw, var, cross_line), tolerances[var], "baseline.cross_env")
+                var: _tolerance(ctx, cross_raw[var], var, _line(cross_raw, var, cross_line), tolerances[var],
+                                "baseline.cross_env")
                 if var in cross_raw else tolerances[var]
                 for var in DEFAULT_TOLERANCES
             }

@@ -66,7 +66,8 @@ def json_schema() -> dict[str, Any]:
             }),
         ]
     }
-    prompts = {"oneOf": [{"type": "string", "maxLength": 1000, "description": "a text file, one prompt a line, relative to the spec"},
+    prompts = {"oneOf": [{"type": "string", "maxLength": 1000,
+                          "description": "a text file, one prompt a line, relative to the spec"},
                          PROBE_FIELDS["prompts"].json_schema()]}
     mark = {
         "oneOf": [

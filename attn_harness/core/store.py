@@ -21,7 +21,16 @@ from attn_harness.core.errors import HarnessError
 from attn_harness.core.frames import hidden_cells, mask_params
 from attn_harness.core.h5read import read_plain
 from attn_harness.core.schema import (
-    DIMS, MASKS, METRICS, PROBABILITIES, REQUIRED_ATTRS, SAMPLE_COORDS, SAMPLE_DIM, TEXT_DIMS, TEXT_METRIC, json_safe_attr,
+    DIMS,
+    MASKS,
+    METRICS,
+    PROBABILITIES,
+    REQUIRED_ATTRS,
+    SAMPLE_COORDS,
+    SAMPLE_DIM,
+    TEXT_DIMS,
+    TEXT_METRIC,
+    json_safe_attr,
 )
 
 ENGINE = "h5netcdf"

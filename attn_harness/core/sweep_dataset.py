@@ -111,7 +111,8 @@ def merge_parts(
 def _check_same_shape(first, other, cell, checkpoints, prompts, seeds, variables) -> None:
     where = f"checkpoint {checkpoints[cell[0]]!r}, prompt {prompts[cell[1]]!r}, seed {seeds[cell[2]]}"
     if [m for m in METRICS if m in other] != variables:
-        raise HarnessError(f"cannot merge the sweep: part ({where}) has variables {sorted(other.data_vars)}, the first has {variables}")
+        raise HarnessError(f"cannot merge the sweep: part ({where}) has variables {sorted(other.data_vars)}, "
+                           f"the first has {variables}")
     for name in DIMS:
         if not np.array_equal(first[name].values, other[name].values):
             raise HarnessError(

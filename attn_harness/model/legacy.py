@@ -23,11 +23,11 @@ import xarray as xr
 import attn_harness
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.fingerprint import sha256_file
-from attn_harness.model.torchfile import safe_load
 from attn_harness.core.frames import block_causal_mask
 from attn_harness.core.metrics import default_query_frames
 from attn_harness.core.schema import LEGACY_MASKS, build_dataset
 from attn_harness.core.store import validate
+from attn_harness.model.torchfile import safe_load
 
 REQUIRED_KEYS: tuple[str, ...] = (
     "full_frame_attention",

@@ -22,10 +22,9 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import WanTransformer3DModel
 
-from attn_harness.model import layouts
-from attn_harness.core.errors import HarnessError
 from attn_harness.core import catalog
 from attn_harness.core.catalog import FIXTURE_FOLDERS, FIXTURES, TINY_CONFIG, TINY_SEED, TINY_TEXT_TOKENS
+from attn_harness.core.errors import HarnessError
 from attn_harness.core.fingerprint import (  # noqa: F401  (re-exported: the model layer's callers)
     CACHE_ENV,
     FINGERPRINTS_FILE,
@@ -34,6 +33,7 @@ from attn_harness.core.fingerprint import (  # noqa: F401  (re-exported: the mod
     files_fingerprint,
     sha256_chunks,
 )
+from attn_harness.model import layouts
 from attn_harness.model.prompts import (
     ORIGINAL_T5_GLOB,
     ORIGINAL_TOKENIZER,

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import diffusers
 import torch
-from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 import torch.nn.functional as F
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 
@@ -40,7 +40,8 @@ class Policy:
 
 
 POLICIES: dict[str, Policy] = {
-    "float32": Policy("ieee", True, "strict: float32 matmul and convolution in IEEE float32 (TF32 off), deterministic algorithms"),
+    "float32": Policy("ieee", True,
+                      "strict: float32 matmul and convolution in IEEE float32 (TF32 off), deterministic algorithms"),
     "bfloat16": Policy(None, True, "deterministic algorithms; matmul precision as configured"),
     "float16": Policy(None, True, "deterministic algorithms; matmul precision as configured"),
 }

@@ -42,7 +42,8 @@ def safe_load(path: str | Path, *, what: str = "a file written by torch.save") -
         ) from None
     except Exception as exc:  # torch raises KeyError, EOFError, RuntimeError ... for files it cannot read
         first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise HarnessError(f"{path} is not a file written by torch.save ({type(exc).__name__}: {first}); expected {what}") from None
+        raise HarnessError(f"{path} is not a file written by torch.save ({type(exc).__name__}: {first}); "
+                           f"expected {what}") from None
 
 
 def load_tensors(path: str | Path, *, what: str) -> object:
@@ -55,4 +56,5 @@ def load_tensors(path: str | Path, *, what: str) -> object:
         return load_file(path)
     except Exception as exc:  # safetensors raises its own error types for a corrupt header or data
         first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise HarnessError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {first}); expected {what}") from None
+        raise HarnessError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {first}); "
+                           f"expected {what}") from None

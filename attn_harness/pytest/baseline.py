@@ -33,10 +33,10 @@ import pytest
 import xarray as xr
 
 from attn_harness.core import store
+from attn_harness.core.calibration import DEFAULT_SIGMAS, calibrated_differences
 from attn_harness.core.drift import structure_differences as _structure_differences
 from attn_harness.core.environment import class_of
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.calibration import DEFAULT_SIGMAS, calibrated_differences
 from attn_harness.core.results import VariableDiff, finite_or_text
 from attn_harness.core.schema import SAMPLE_DIM, provenance_keys
 from attn_harness.core.spec import Tolerance

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from attn_harness.core.fingerprint import sha256_json
 from attn_harness.core.atomic import write_atomic
+from attn_harness.core.fingerprint import sha256_json
 from attn_harness.core.probe import Probe
 from attn_harness.sampling.cache import ExtractionCache
 

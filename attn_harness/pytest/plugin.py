@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from attn_harness.core.results import CheckRecord, Results, RunInfo, SpecInfo  # stdlib only
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.results import CheckRecord, Results, RunInfo, SpecInfo  # stdlib only
 from attn_harness.pytest.regen import REGEN_PROPERTY, RegenSummary
 
 if TYPE_CHECKING:

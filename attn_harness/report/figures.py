@@ -24,10 +24,10 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from attn_harness.core import metrics
-from attn_harness.core.errors import HarnessError
-from attn_harness.core.schema import PROBABILITIES
-from attn_harness.core.frames import expand_to_pixel_frames, num_latent_frames
 from attn_harness.core.atomic import write_atomic
+from attn_harness.core.errors import HarnessError
+from attn_harness.core.frames import expand_to_pixel_frames, num_latent_frames
+from attn_harness.core.schema import PROBABILITIES
 
 # The seed's rcParams (editable SVG text), with a smaller screen dpi for reports.
 STYLE: dict[str, object] = {
@@ -558,13 +558,15 @@ def trend(history: xr.Dataset, layer: int, *, step: int | None = None, query_fra
         ax = fig.subplots()
         colors = matplotlib.colormaps["tab10" if history.sizes["head"] <= 10 else "tab20"]
         for head in sink["head"].values:
-            ax.plot(train_steps, sink.sel(head=head).values, "o-", color=colors(int(head) % colors.N), label=f"H{int(head)}", markersize=3)
+            ax.plot(train_steps, sink.sel(head=head).values, "o-", color=colors(int(head) % colors.N), label=f"H{int(head)}",
+                    markersize=3)
         ax.axhline(0.0, color="black", linewidth=0.6)
         ax.set_xlabel("training step")
         ax.set_ylabel("sink score (first - mid), logits")
         ax.grid(True, alpha=0.3)
         fig.legend(loc="outside right upper", ncols=max(1, math.ceil(history.sizes["head"] / 16)))
-        fig.suptitle(f"Layer {layer}, denoising step {step}: sink score over training (query frames {query_frames})", fontweight="bold")
+        fig.suptitle(f"Layer {layer}, denoising step {step}: sink score over training (query frames {query_frames})",
+                     fontweight="bold")
     return fig
 
 

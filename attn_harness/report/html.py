@@ -24,11 +24,10 @@ import numpy as np
 import xarray as xr
 
 from attn_harness.core import metrics
-from attn_harness.core.schema import SAMPLE_DIM
 from attn_harness.core.atomic import write_atomic
 from attn_harness.core.errors import HarnessError
 from attn_harness.core.results import STATUSES, CheckRecord, Results, SpecInfo
-from attn_harness.core.schema import PROVENANCE_ATTRS
+from attn_harness.core.schema import PROVENANCE_ATTRS, SAMPLE_DIM
 from attn_harness.core.store import read_dataset
 from attn_harness.report import compare, figures
 from attn_harness.report.settings import DEFAULT_TOP, FLIP_MARGIN
@@ -134,7 +133,8 @@ def _property_figures(ds: xr.Dataset, check: CheckRecord) -> list[dict]:
     view = ds[metric].sel(step=step, layer=layer)
     if metric == "text_mass":
         title = f"Layer {layer}, step {step}: text attention mass per query frame and text token"
-        return [{"caption": title, "uri": figures.png_data_uri(figures.text_mass_grid(view, title=title), dpi=PNG_DPI, tight=False)}]
+        return [{"caption": title,
+                 "uri": figures.png_data_uri(figures.text_mass_grid(view, title=title), dpi=PNG_DPI, tight=False)}]
     title = f"Layer {layer}, step {step}: {figures.LABELS[metric]}; violating cells outlined"
     return [{"caption": title, "uri": _grid_uri(view, metric=metric, highlight=here, title=title)}]
 

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from attn_harness.core.probe import Probe
 from attn_harness.model.capture import FRAME_METRICS, TEXT_METRIC, Recorder, capture
 from attn_harness.model.models import LoadedModel, load_model
-from attn_harness.model.prompts import Conditioning
 from attn_harness.model.numerics import numerics_policy
+from attn_harness.model.prompts import Conditioning
 from attn_harness.sampling.rollout import extract_rollout
 from attn_harness.sampling.run import (
     DTYPES,
@@ -64,7 +64,8 @@ def extract(
 
 def _extract(model: str | LoadedModel, probe: Probe, device: torch.device, *, progress: bool | None,
              base_model: str | None) -> xr.Dataset:
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=DTYPES[probe.dtype], device=device, base_model=base_model)
+    loaded = (model if isinstance(model, LoadedModel)
+              else load_model(model, dtype=DTYPES[probe.dtype], device=device, base_model=base_model))
     if probe.mode == "rollout":
         return extract_rollout(loaded, probe, progress=progress)
     if probe.is_population:

@@ -86,13 +86,15 @@ class AttentionMonitor:
         sink = metrics.head_stats(logits, metrics.default_query_frames(ds))["sink"]
         for layer in sink["layer"].values:
             for head in sink["head"].values:
-                self.writer.add_scalar(f"attention/layer{int(layer)}/head{int(head)}/sink", float(sink.sel(layer=layer, head=head)), step)
+                self.writer.add_scalar(f"attention/layer{int(layer)}/head{int(head)}/sink",
+                                       float(sink.sel(layer=layer, head=head)), step)
         if "mass" in ds:
             diag = metrics.diagonal_mean(ds["mass"].isel(step=-1), keep=("layer", "head"))
             for layer in diag["layer"].values:
                 for head in diag["head"].values:
                     self.writer.add_scalar(
-                        f"attention/layer{int(layer)}/head{int(head)}/diagonal_mass", float(diag.sel(layer=layer, head=head)), step
+                        f"attention/layer{int(layer)}/head{int(head)}/diagonal_mass",
+                        float(diag.sel(layer=layer, head=head)), step
                     )
         if self.figure_layer is not None:
             from attn_harness.report.figures import head_grid

@@ -17,7 +17,6 @@ which writes a part its own filesystem lacks, so workers need no shared filesyst
 from __future__ import annotations
 
 import contextlib
-
 import itertools
 import json
 import logging
@@ -31,10 +30,10 @@ from pathlib import Path
 
 import xarray as xr
 
-from attn_harness.core.fingerprint import sha256_text
 from attn_harness.core import catalog
 from attn_harness.core.atomic import write_atomic
 from attn_harness.core.errors import HarnessError
+from attn_harness.core.fingerprint import sha256_text
 from attn_harness.core.probe import Probe
 from attn_harness.core.sweep_dataset import merge_parts, training_step_from_name, write_sweep
 
@@ -267,7 +266,8 @@ def local_cluster(workers: int, *, gpus: int | None = None, threads: int | None 
     specs = local_worker_specs(workers, gpus=gpus, threads=threads)
     return distributed.SpecCluster(
         workers={
-            name: {"cls": distributed.Nanny, "options": {**options, "memory_limit": 0, "dashboard": False, "silence_logs": logging.ERROR}}
+            name: {"cls": distributed.Nanny,
+                   "options": {**options, "memory_limit": 0, "dashboard": False, "silence_logs": logging.ERROR}}
             for name, options in specs.items()
         },
         scheduler={"cls": distributed.Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}},
@@ -283,7 +283,8 @@ def connect(scheduler: str, *, threads: int | None = None, gpus: int | None = No
     kind, value = parse_scheduler(scheduler)
     if kind == "local":
         with local_cluster(int(value), gpus=gpus, threads=threads) as cluster, distributed.Client(cluster) as client:
-            gpu_workers = any(GPU_RESOURCE in spec.get("options", {}).get("resources", {}) for spec in cluster.worker_spec.values())
+            gpu_workers = any(GPU_RESOURCE in spec.get("options", {}).get("resources", {})
+                              for spec in cluster.worker_spec.values())
             yield client, ({GPU_RESOURCE: 1} if gpu_workers else {})
         return
     try:
@@ -336,7 +337,8 @@ def run_parts(
             try:
                 data = future.result()
             except Exception as err:  # noqa: BLE001 - any task error: report it with its part, keep the others
-                failures.append(f"{part.model} / prompt {part.probe.prompt!r} / seed {part.probe.seed}: {type(err).__name__}: {err}")
+                failures.append(f"{part.model} / prompt {part.probe.prompt!r} / seed {part.probe.seed}: "
+                                f"{type(err).__name__}: {err}")
                 continue
             path = part_path(out_dir, part)
             if not path.is_file():  # a worker on another filesystem: the bytes came back through Dask

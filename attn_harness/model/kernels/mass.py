@@ -256,7 +256,8 @@ class _Launch:
             TPF=self.tokens_per_frame, D=self.q.shape[-1], BLOCK_M=self.block_m, BLOCK_N=self.block_n,
             BLOCK_D=self.block_d, STATIC=self.static, TAIL=(hi - lo) % self.block_n != 0,
             FULL_TILES=(hi - lo) // self.block_n if self.static else 0,  # 0 on the GPU: one compiled kernel
-            PRECISION=self.precision, UPCAST=self.upcast, num_warps=self.num_warps, num_stages=self.config.num_stages, enable_fp_fusion=FP_FUSION,
+            PRECISION=self.precision, UPCAST=self.upcast, num_warps=self.num_warps, num_stages=self.config.num_stages,
+            enable_fp_fusion=FP_FUSION,
         ), lo, hi
 
     def strides(self) -> tuple[int, ...]:
@@ -283,7 +284,8 @@ def _row_stats(launch: _Launch, query_frames: torch.Tensor, key_runs: list[tuple
         per_run.append((m, log_sum))
     if len(per_run) == 1:
         return
-    index = (query_frames[:, None] * launch.tokens_per_frame + torch.arange(launch.tokens_per_frame, device=query_frames.device)).flatten()
+    index = (query_frames[:, None] * launch.tokens_per_frame
+             + torch.arange(launch.tokens_per_frame, device=query_frames.device)).flatten()
     # several key runs: combine their sums in float64 around the largest maximum
     ms = torch.stack([m[:, index] for m, _ in per_run]).double()
     logs = torch.stack([log_sum[:, index] for _, log_sum in per_run]).double()
