@@ -55,7 +55,7 @@ def test_few_step_predicts_x0_then_renoises_with_fresh_seeded_noise_and_returns_
     gen = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(1, 4, 3, 2, 2, generator=gen), torch.randn(1, 4, 3, 2, 2, generator=gen)
     probe = Probe(denoising_timesteps=FEW_STEPS, warp_timesteps=False)
-    sampler = FewStepSampler(probe, torch.device("cpu"), torch.Generator().manual_seed(9))
+    sampler = FewStepSampler(probe, torch.device("cpu"), [torch.Generator().manual_seed(9)])
     velocity = eps - x0  # flow matching: x_t = (1 - sigma) x0 + sigma eps, v = eps - x0
     x_t = 0.75 * x0 + 0.25 * eps
     torch.testing.assert_close(sampler.step(3, velocity, x_t), x0, atol=1e-6, rtol=0)

@@ -46,6 +46,21 @@ def test_each_sample_equals_its_own_extraction(population):
             np.testing.assert_allclose(population[name].isel(sample=index).values, one[name].values, atol=2e-5, rtol=1e-5)
 
 
+def test_a_few_step_population_re_noises_each_sample_as_it_would_alone():
+    # the few-step sampler draws fresh noise between steps: each sample from its own generator, so that
+    # the batched population equals the single runs (to the float32 rounding of other GEMM shapes, as above)
+    few = dict(denoising_timesteps=(1000.0, 750.0, 500.0), capture_steps=("first", "last"))
+    probe = Probe(prompts=PROMPTS, seeds=(0, 1), sample_batch=4, metrics=("logits", "mass"), **few)
+    population = extract("tiny-trained", probe, progress=False)
+    for index, (prompt, seed) in enumerate(probe.samples()):
+        alone = Probe(prompt=prompt, seed=probe.noise_seed(prompt, seed), metrics=("logits", "mass"), **few)
+        one = extract("tiny-trained", alone, progress=False)
+        for name in ("logits", "mass"):
+            np.testing.assert_allclose(population[name].isel(sample=index).values, one[name].values, atol=2e-5, rtol=1e-5)
+    last = population["logits"].isel(step=-1)
+    assert float(abs(last.isel(sample=0) - last.isel(sample=1)).max()) > 1e-3  # the samples' re-noising differs
+
+
 def test_a_single_prompt_probe_keeps_todays_shape():
     ds = extract("tiny-random", Probe(**SHORT), progress=False)
     assert "sample" not in ds.dims and ds.attrs["seed"] == 0

@@ -163,11 +163,11 @@ class Probe:
                 raise ProbeError("denoising_timesteps", f"must be distinct values in (0, 1000], descending; got {steps}")
         if len(set(self.samples())) != len(self.samples()):
             raise ProbeError("prompts", "prompts and seeds must not repeat: each (prompt, seed) sample appears once")
-        unsupported = [key for key, used in (("mode: rollout", self.mode == "rollout"), ("prompt_embeds", self.prompt_embeds),
-                                             ("denoising_timesteps", self.denoising_timesteps)) if used]
+        unsupported = [key for key, used in (("mode: rollout", self.mode == "rollout"), ("prompt_embeds", self.prompt_embeds))
+                       if used]
         if self.is_population and unsupported:
-            raise ProbeError("prompts", "populations (prompts/seeds) run teacher-forced with the UniPC sampler from "
-                             f"prompt text; drop {', '.join(unsupported)} or the population")
+            raise ProbeError("prompts", "populations (prompts/seeds) run teacher-forced from prompt text; "
+                             f"drop {', '.join(unsupported)} or the population")
         late = [s for s in self.capture_steps if resolve_step(s, self.sample_steps) >= self.sample_steps]
         if late:
             raise ProbeError("capture_steps", f"step {late[0]} is out of range: sampling runs steps "

@@ -139,7 +139,7 @@ def extract_population(loaded: LoadedModel, probe: Probe, progress: bool | None 
         batch = setups[start : start + probe.sample_batch]
         recorder = Recorder(tokens_per_frame=batch[0].geo["tokens_per_frame"], metrics=tuple(probe.metrics),
                             mask=frame_mask(probe, batch[0].geo["latent_frames"]))
-        sampler = make_sampler(probe, batch[0].device, batch[0].generator)
+        sampler = make_sampler(probe, batch[0].device, [setup.generator for setup in batch])
         steps = capture_steps(probe, sampler.timesteps.tolist())
         branches = {name: torch.cat([setup.branches[name] for setup in batch]) for name in batch[0].branches}
         denoise(loaded.transformer, sampler, torch.cat([setup.noise for setup in batch]), branches, recorder, probe, steps,

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -64,11 +65,12 @@ def few_step_timesteps(probe: Probe) -> list[float]:
 
 
 class FewStepSampler:
-    """Predict x0, re-noise to the next timestep with noise from ``generator``; x0 after the last."""
+    """Predict x0, re-noise to the next timestep with noise from ``generators`` (one per row of the
+    batch, so a batched population draws what each sample draws alone); x0 after the last."""
 
-    def __init__(self, probe: Probe, device: torch.device, generator: torch.Generator) -> None:
+    def __init__(self, probe: Probe, device: torch.device, generators: Sequence[torch.Generator]) -> None:
         self.timesteps = torch.tensor(few_step_timesteps(probe), dtype=torch.float32, device=device)
-        self.generator = generator
+        self.generators = list(generators)
 
     def sigma(self, index: int) -> float:
         return float(self.timesteps[index]) / NUM_TRAIN_TIMESTEPS
@@ -78,14 +80,18 @@ class FewStepSampler:
         if index + 1 == len(self.timesteps):
             return x0
         sigma_next = self.sigma(index + 1)
-        noise = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(x0.device)
+        if x0.shape[0] != len(self.generators):
+            raise ValueError(f"{x0.shape[0]} rows to re-noise, {len(self.generators)} generators")
+        row = (1, *x0.shape[1:])
+        noise = torch.cat([torch.randn(row, generator=g, dtype=torch.float32) for g in self.generators]).to(x0.device)
         return (1 - sigma_next) * x0 + sigma_next * noise
 
 
-def make_sampler(probe: Probe, device: torch.device, generator: torch.Generator) -> Sampler:
-    """The few-step sampler when the probe lists ``denoising_timesteps``, else UniPC."""
+def make_sampler(probe: Probe, device: torch.device, generator: torch.Generator | Sequence[torch.Generator]) -> Sampler:
+    """The few-step sampler when the probe lists ``denoising_timesteps``, else UniPC; ``generator``: the
+    run's, or one per sample of a batched population."""
     if probe.denoising_timesteps is not None:
-        return FewStepSampler(probe, device, generator)
+        return FewStepSampler(probe, device, [generator] if isinstance(generator, torch.Generator) else generator)
     return UniPCSampler(probe, device)
 
 
