@@ -107,9 +107,9 @@ def _read_prompts(path: str) -> list[str]:
     try:
         prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
-        raise HarnessError(f"--prompts {path}: cannot read it ({err})") from None
+        raise HarnessError(f"--prompts {path!r}: cannot read it ({err})") from None
     if not prompts:
-        raise HarnessError(f"--prompts {path}: holds no prompt (one prompt a line)")
+        raise HarnessError(f"--prompts {path!r}: holds no prompt (one prompt a line)")
     return prompts
 
 
