@@ -19,7 +19,9 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import xarray as xr
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 from PIL import Image
 
@@ -71,6 +73,32 @@ def grid_shape(num_panels: int) -> tuple[int, int]:
         raise HarnessError(f"need at least one panel to draw; got {num_panels}")
     rows = max(1, math.floor(math.sqrt(num_panels * 3 / 4) + 0.5))
     return rows, math.ceil(num_panels / rows)
+
+
+def _head_panels(count: int, *, title: str | None, bottom: float, hspace: float) -> tuple[Figure, list[tuple[Axes, bool, bool]]]:
+    """``count`` head panels on a ``grid_shape`` grid, unused panels hidden; each panel with whether it is on the
+    bottom row and in the left column (where the axis labels go). Fixed margins in inches instead of a layout
+    engine: grids are drawn by the hundred. The right margin holds the colour bar (``_finish_head_panels``)."""
+    rows, cols = grid_shape(count)
+    left, right, top = 0.7, 1.3, 0.8 if title else 0.4
+    width, height = PANEL_INCHES[0] * cols + left + right, PANEL_INCHES[1] * rows + bottom + top
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=0.3, hspace=hspace)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[count:]:
+        ax.set_axis_off()
+    return fig, [(ax, index // cols == rows - 1, index % cols == 0) for index, ax in enumerate(axes[:count])]
+
+
+def _finish_head_panels(fig: Figure, image: AxesImage, label: str, *, title: str | None, bottom: float) -> None:
+    """The colour bar of ``image`` in the right margin of a ``_head_panels`` figure, and its title."""
+    width, height = fig.get_size_inches()
+    top = 0.8 if title else 0.4
+    colorbar_box = (1 - 0.95 / width, bottom / height + 0.1, 0.15 / width, 0.8 - (bottom + top) / height)
+    fig.colorbar(image, cax=fig.add_axes(colorbar_box, label="colorbar")).set_label(label)
+    if title:
+        fig.suptitle(title, fontweight="bold", y=1 - 0.15 / height, va="top")
 
 
 def frame_ticks(num_frames: int) -> list[int]:
@@ -179,37 +207,20 @@ def head_grid(
     cmap = matplotlib.colormaps[CMAPS[metric]].with_extremes(bad=MASKED_COLOR)
     heads = [int(h) for h in shown["head"].values]
     flagged = {int(loc["head"]) for loc in highlight or () if "head" in loc}
-    rows, cols = grid_shape(len(heads))
-    # Fixed margins (inches) instead of a layout engine: grids are drawn by the hundred.
-    left, right, bottom, top = 0.7, 1.3, 0.6, 0.8 if title else 0.4
-    width, height = PANEL_INCHES[0] * cols + left + right, PANEL_INCHES[1] * rows + bottom + top
     with style():
-        fig = Figure(figsize=(width, height))
-        fig.subplots_adjust(
-            left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
-            wspace=0.3, hspace=0.45,
-        )
-        axes = fig.subplots(rows, cols, squeeze=False)
-        image = None
-        for index, ax in enumerate(axes.flat):
-            if index >= len(heads):
-                ax.set_axis_off()
-                continue
+        fig, panels = _head_panels(len(heads), title=title, bottom=0.6, hspace=0.45)
+        for index, (ax, bottom_row, left_column) in enumerate(panels):
             head = heads[index]
             image = ax.imshow(
                 values[index], cmap=cmap, origin="lower", aspect="auto", interpolation="nearest",
                 vmin=vmin, vmax=vmax,
             )
             ax.set_title(f"Head {head}", fontweight="bold", color="#c00000" if head in flagged else "black")
-            _frame_axes(ax, shown, xlabel=index // cols == rows - 1, ylabel=index % cols == 0)
+            _frame_axes(ax, shown, xlabel=bottom_row, ylabel=left_column)
             for location in highlight or ():
                 if int(location.get("head", head)) == head:
                     _outline(ax, shown, location)
-        colorbar_box = (1 - 0.95 / width, bottom / height + 0.1, 0.15 / width, 0.8 - (bottom + top) / height)
-        colorbar_axes = fig.add_axes(colorbar_box, label="colorbar")
-        fig.colorbar(image, cax=colorbar_axes).set_label(LABELS[metric])
-        if title:
-            fig.suptitle(title, fontweight="bold", y=1 - 0.15 / height, va="top")
+        _finish_head_panels(fig, image, LABELS[metric], title=title, bottom=0.6)
     return fig
 
 
@@ -480,35 +491,21 @@ def text_mass_grid(da: xr.DataArray, *, title: str | None = None, token_labels: 
     heads = [int(h) for h in shown["head"].values]
     tokens = shown.sizes["text_token"]
     padding = (shown["text_content"].values == 0) if "text_content" in shown.coords else np.zeros(tokens, dtype=bool)
-    rows, cols = grid_shape(len(heads))
-    left, right, bottom, top = 0.7, 1.3, 0.7, 0.8 if title else 0.4
-    width, height = PANEL_INCHES[0] * cols + left + right, PANEL_INCHES[1] * rows + bottom + top
     with style():
-        fig = Figure(figsize=(width, height))
-        fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
-                            wspace=0.3, hspace=0.5)
-        axes = fig.subplots(rows, cols, squeeze=False)
-        image = None
-        for index, ax in enumerate(axes.flat):
-            if index >= len(heads):
-                ax.set_axis_off()
-                continue
+        fig, panels = _head_panels(len(heads), title=title, bottom=0.7, hspace=0.5)
+        for index, (ax, bottom_row, left_column) in enumerate(panels):
             image = ax.imshow(values[index], cmap=CMAPS["mass"], origin="lower", aspect="auto",
                               interpolation="nearest", vmin=0.0, vmax=vmax)
             ax.set_title(f"Head {heads[index]}", fontweight="bold")
             for token in np.flatnonzero(padding):
                 ax.add_patch(Rectangle((token - 0.5, -0.5), 1, 0.25, color=MASKED_COLOR, clip_on=False))
-            if index // cols == rows - 1:
+            if bottom_row:
                 ax.set_xlabel("text token")
                 if token_labels is not None:
                     ax.set_xticks(range(tokens), list(token_labels), rotation=90, fontsize=6)
-            if index % cols == 0:
+            if left_column:
                 ax.set_ylabel("query frame")
-        colorbar_axes = fig.add_axes((1 - 0.95 / width, bottom / height + 0.1, 0.15 / width, 0.8 - (bottom + top) / height),
-                                     label="colorbar")
-        fig.colorbar(image, cax=colorbar_axes).set_label("text attention mass")
-        if title:
-            fig.suptitle(title, fontweight="bold", y=1 - 0.15 / height, va="top")
+        _finish_head_panels(fig, image, "text attention mass", title=title, bottom=0.7)
     return fig
 
 
