@@ -17,7 +17,7 @@ from typing import Any
 from attn_harness import __version__
 from attn_harness.cli_drift import add_drift
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.probe import PROBE_FIELDS, Probe, ProbeError
+from attn_harness.core.probe import PROBE_FIELDS, Probe, ProbeError, read_prompts
 from attn_harness.core.schema import LEGACY_MASKS
 from attn_harness.core.vocabulary import DEFAULT_STEP, REQUIRED, FieldError, parse_layers, parse_step, step_index
 from attn_harness.report.settings import DEFAULT_TOP, FLIP_MARGIN, SINK_HEAD_THRESHOLD
@@ -105,12 +105,9 @@ FILE_KEYS = ("prompts", "prompt_embeds")  # flags that name a file
 
 def _read_prompts(path: str) -> list[str]:
     try:
-        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise HarnessError(f"--prompts {path!r}: cannot read it ({err})") from None
-    if not prompts:
-        raise HarnessError(f"--prompts {path!r}: holds no prompt (one prompt a line)")
-    return prompts
+        return read_prompts(path)
+    except ValueError as err:
+        raise HarnessError(f"--prompts {err}") from None
 
 
 def probe_from_args(args: argparse.Namespace) -> Probe:

@@ -294,3 +294,16 @@ def test_bad_autoregressive_values_name_their_key(tmp_path):
     assert "denoising_timesteps: must be distinct values in (0, 1000], descending" in str(err)
     err = error_of(tmp_path, AUTOREGRESSIVE.replace("metrics: [logits, mass, text_mass]", "metrics: [logits, mass]"))
     assert "text_share checks 'text_mass' but the probe captures only ['logits', 'mass']" in str(err)
+
+
+def test_a_prompts_file_is_read_beside_the_spec_and_a_missing_or_empty_one_names_its_line(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\n  a dog  \n")
+    spec = load_specs(write(tmp_path, GOOD.replace("prompt: a cat", "prompts: prompts.txt")))[0]
+    assert spec.probe.prompts == ("a cat", "a dog")
+    err = error_of(tmp_path, GOOD.replace("prompt: a cat", "prompts: missing.txt"))
+    assert err.line == 5 and "probe.prompts: " in str(err) and f"{tmp_path / 'missing.txt'}': cannot read it" in str(err)
+    (tmp_path / "blank.txt").write_text("\n \n")
+    err = error_of(tmp_path, GOOD.replace("prompt: a cat", "prompts: blank.txt"))
+    assert err.line == 5 and "blank.txt': holds no prompt (one prompt a line)" in str(err)
+    # named relative to the spec file, not to the working directory or the name messages use
+    assert load_specs(write(tmp_path, GOOD.replace("prompt: a cat", "prompts: prompts.txt")), display="specs/x.yaml")

@@ -9,7 +9,9 @@ a probe built from YAML, flags or Python is checked the same way.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from attn_harness.core.errors import HarnessError
@@ -63,6 +65,18 @@ PROBE_FIELDS: dict[str, Field] = {
     "sample_batch": Field("int", 8, "population: samples run through the model at once", low=1, high=1024),
 }
 PROBE_ATTRS: dict[str, str] = {key: f.attr or key for key, f in PROBE_FIELDS.items()}
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """A population's prompts from a text file: its non-empty lines, stripped. ``ValueError`` says what is wrong
+    with the file, quoted, so a name with a newline stays one line."""
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r}: cannot read it ({err})") from None
+    if not prompts:
+        raise ValueError(f"{str(path)!r}: holds no prompt (one prompt a line)")
+    return prompts
 
 
 class ProbeError(HarnessError):

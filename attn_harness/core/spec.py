@@ -25,7 +25,7 @@ import yaml
 from attn_harness.core import checks, conditions
 from attn_harness.core.calibration import DEFAULT_SIGMAS
 from attn_harness.core.errors import HarnessError
-from attn_harness.core.probe import PROBE_FIELDS, Probe, ProbeError
+from attn_harness.core.probe import PROBE_FIELDS, Probe, ProbeError, read_prompts
 from attn_harness.core.vocabulary import Field, FieldError, FieldErrors, parse_layers, show
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -253,10 +253,12 @@ def _word(key: Any) -> str:
 
 
 class _Ctx:
-    """Where we are while validating: the file, and every problem found so far."""
+    """Where we are while validating: the file (as messages name it, and the folder it is in), and every
+    problem found so far."""
 
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, directory: Path) -> None:
         self.file = file
+        self.directory = directory  # files a spec names (a prompts file) are relative to it
         self.problems: list[tuple[int, str]] = []
 
     def fail(self, line: int, message: str) -> SpecError:
@@ -402,15 +404,11 @@ def _probe(ctx: _Ctx, raw: Any, line: int, values: dict[str, Any], layers: str |
 
 
 def _prompts_file(ctx: _Ctx, name: str, line: int) -> list[str]:
-    """The non-empty lines of a prompts file named relative to the spec file."""
-    path = Path(ctx.file).parent / name
+    """The prompts of a file named relative to the spec file."""
     try:
-        prompts = [text.strip() for text in path.read_text(encoding="utf-8").splitlines() if text.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise ctx.fail(line, f"probe.prompts: cannot read prompts file {path}: {err}") from None
-    if not prompts:
-        raise ctx.fail(line, f"probe.prompts: {path} holds no prompt (one prompt a line)")
-    return prompts
+        return read_prompts(ctx.directory / name)
+    except ValueError as err:
+        raise ctx.fail(line, f"probe.prompts: {err}") from None
 
 
 def _tolerance(ctx: _Ctx, raw: Any, var: str, line: int, default: Tolerance | None = None, where: str = "baseline") -> Tolerance:
@@ -617,7 +615,7 @@ def load_specs(path: str | os.PathLike, *, display: str | None = None) -> list[S
     """
     file = display or str(path)
     data = _parse_yaml(read_spec_text(path, file), file)
-    ctx = _Ctx(file)
+    ctx = _Ctx(file, Path(path).parent)
     if data is None:
         raise ctx.fail(1, "empty spec file: expected 'specs:' with a list of specs (see specs/README.md)")
     data = ctx.mapping(data, "the file", 1, ("specs",))
